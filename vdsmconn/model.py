@@ -1,0 +1,284 @@
+"""Frozen value types: connection specs per type, their keys, states, secrets.
+
+Nothing here does I/O. A spec is built only from validated input (rpc/params.py) or from the
+store, and knows its key, its mount point name and its wire form (without secrets).
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+SECRET_WORDS = ("pass", "secret", "key", "token", "auth")
+MASK = "********"
+
+
+def is_secret_name(name: str) -> bool:
+    lowered = name.lower()
+    return any(word in lowered for word in SECRET_WORDS)
+
+
+class Secret:
+    """A value that must never be shown: its repr and str are a mask."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return MASK
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+class State(enum.StrEnum):
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    DEGRADED = "degraded"
+    FAILED = "failed"
+    STUCK = "stuck"
+    DISCONNECTING = "disconnecting"
+    UNCERTAIN = "uncertain"
+
+
+# --- spec normalization (SPEC 4) -------------------------------------------------------------
+
+_SLASHES = re.compile(r"/{2,}")
+
+
+def normalize_path(path: str) -> str:
+    """Collapse repeated slashes and drop a trailing one (but keep a lone "/")."""
+    path = _SLASHES.sub("/", path)
+    if len(path) > 1 and path.endswith("/"):
+        path = path.rstrip("/") or "/"
+    return path
+
+
+def normalize_remote(spec: str) -> str:
+    """Normalize `server:/export` forms: `server:/a/`, `server:/a//` and `server://a` agree.
+
+    The remote part is everything after the last ":" that is followed by "/" (so
+    `server:6789:/path` keeps its port and `[fe80::1]:/x` its brackets). A spec with no such
+    colon is a local path or a device name and is normalized as a path.
+    """
+    idx = spec.find(":/")
+    if spec.startswith("["):
+        close = spec.find("]")
+        if close != -1:
+            idx = spec.find(":/", close)
+    if idx == -1:
+        return normalize_path(spec) if spec.startswith("/") else spec
+    host, path = spec[:idx], spec[idx + 1 :]
+    return f"{host}:{normalize_path(path)}"
+
+
+def escape_mount_name(spec: str) -> str:
+    """The mount point's file name for a normalized spec: `_` → `__`, `/` → `_`."""
+    return spec.replace("_", "__").replace("/", "_")
+
+
+# --- keys --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, order=True)
+class ConnectionKey:
+    """Identity of one real connection. `kind` says which namespace the name lives in.
+
+    File connections (nfs, posixfs, localfs) share the namespace of mount point names under
+    the mount root, so two connections that would use one mount point have one key.
+    """
+
+    kind: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.name}"
+
+    @classmethod
+    def parse(cls, text: str) -> ConnectionKey:
+        kind, sep, name = text.partition(":")
+        if not sep or not name:
+            raise ValueError(f"not a connection key: {text!r}")
+        return cls(kind, name)
+
+
+# --- specs ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConnectionSpec(abc.ABC):
+    """Base of the typed connection specs. Subclasses are frozen dataclasses."""
+
+    TYPE: ClassVar[str] = ""
+
+    @property
+    @abc.abstractmethod
+    def key(self) -> ConnectionKey:
+        """The identity of the real connection this spec describes."""
+
+    def to_wire(self) -> dict[str, Any]:
+        """The connection as the client sent it (normalized), secrets masked."""
+        out: dict[str, Any] = {"type": self.TYPE}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None or (f.metadata.get("omit_default") and value == f.default):
+                continue
+            if isinstance(value, Secret):
+                value = MASK
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.metadata.get("wire", f.name)] = value
+        return out
+
+    def to_store(self) -> dict[str, Any]:
+        """The connection with its secrets, for the state database only."""
+        out: dict[str, Any] = {"type": self.TYPE}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if isinstance(value, Secret):
+                value = value.reveal()
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.metadata.get("wire", f.name)] = value
+        return out
+
+
+def _wire(name: str) -> Any:
+    return field(default=None, metadata={"wire": name})
+
+
+@dataclass(frozen=True)
+class MountSpec(ConnectionSpec):
+    """A connection that is a mount under the mount root."""
+
+    connection: str = ""
+    vfs_type: str | None = None
+    mnt_options: str | None = None
+
+    SUBDIR: ClassVar[str] = ""
+
+    @property
+    def mount_name(self) -> str:
+        name = escape_mount_name(self.connection)
+        return f"{self.SUBDIR}/{name}" if self.SUBDIR else name
+
+    @property
+    def key(self) -> ConnectionKey:
+        return ConnectionKey("file", self.mount_name)
+
+    def options(self) -> list[str]:
+        """Mount options in order, empty items dropped."""
+        if not self.mnt_options:
+            return []
+        return [opt for opt in self.mnt_options.split(",") if opt]
+
+
+@dataclass(frozen=True)
+class PosixSpec(MountSpec):
+    TYPE: ClassVar[str] = "posixfs"
+
+
+NFS_VERSIONS = ("3", "4", "4.0", "4.1", "4.2", "auto")
+
+
+@dataclass(frozen=True)
+class NfsSpec(MountSpec):
+    TYPE: ClassVar[str] = "nfs"
+    protocol_version: str = "3"
+    timeout: int = 100
+    retrans: int = 3
+
+    def options(self) -> list[str]:
+        user = super().options()
+        opts = ["soft", "nosharecache", f"timeo={self.timeout}", f"retrans={self.retrans}"]
+        version = self.protocol_version
+        if version != "auto":
+            major, _, minor = version.partition(".")
+            opts.append(f"nfsvers={major}")
+            if minor:
+                opts.append(f"minorversion={minor}")
+        if version in ("3", "auto") and not {"lock", "nolock"} & set(user):
+            opts.append("nolock")
+        return opts + user
+
+
+@dataclass(frozen=True)
+class GlusterSpec(MountSpec):
+    TYPE: ClassVar[str] = "glusterfs"
+    SUBDIR: ClassVar[str] = "glusterSD"
+
+
+@dataclass(frozen=True)
+class LocalSpec(ConnectionSpec):
+    TYPE: ClassVar[str] = "localfs"
+    connection: str = ""
+
+    @property
+    def mount_name(self) -> str:
+        return escape_mount_name(self.connection)
+
+    @property
+    def key(self) -> ConnectionKey:
+        return ConnectionKey("file", self.mount_name)
+
+
+@dataclass(frozen=True)
+class IscsiSpec(ConnectionSpec):
+    TYPE: ClassVar[str] = "iscsi"
+    connection: str = ""
+    iqn: str = ""
+    port: int = 3260
+    tpgt: int | None = None
+    user: str | None = None
+    password: Secret | None = None
+    user_in: str | None = None
+    password_in: Secret | None = None
+    ifaceName: str | None = None  # noqa: N815 - the engine's key name
+    netIfaceName: str | None = None  # noqa: N815
+    netIfaceNames: tuple[str, ...] | None = None  # noqa: N815
+    initiatorName: str | None = None  # noqa: N815
+
+    @property
+    def portal(self) -> str:
+        host = f"[{self.connection}]" if ":" in self.connection else self.connection
+        return f"{host}:{self.port}"
+
+    @property
+    def key(self) -> ConnectionKey:
+        tpgt = "*" if self.tpgt is None else str(self.tpgt)
+        if self.netIfaceNames:
+            via = "+".join(self.netIfaceNames)
+        else:
+            via = self.ifaceName or self.netIfaceName or "default"
+        return ConnectionKey("iscsi", f"{self.portal},{tpgt},{self.iqn},{via}")
+
+
+@dataclass(frozen=True)
+class ManagedSpec(ConnectionSpec):
+    TYPE: ClassVar[str] = "managed"
+    volumeID: str = ""  # noqa: N815
+    connection_info: Secret | None = None  # JSON text; may hold array credentials
+
+    @property
+    def key(self) -> ConnectionKey:
+        return ConnectionKey("managed", self.volumeID)
+
+
+SPEC_TYPES: dict[str, type[ConnectionSpec]] = {
+    cls.TYPE: cls for cls in (NfsSpec, PosixSpec, GlusterSpec, LocalSpec, IscsiSpec, ManagedSpec)
+}
