@@ -137,6 +137,10 @@ class StaleMount(Error):
     name = "StaleMount"
 
 
+class MountHung(StaleMount):
+    """A probe of the mount did not return in time: the key is stuck."""
+
+
 class BackendUnavailable(Error):
     """The connection type's backend cannot run on this host (missing tool or kernel)."""
 

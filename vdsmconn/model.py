@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import json
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
@@ -248,10 +249,10 @@ class IscsiSpec(ConnectionSpec):
     password: Secret | None = None
     user_in: str | None = None
     password_in: Secret | None = None
-    ifaceName: str | None = None  # noqa: N815 - the engine's key name
-    netIfaceName: str | None = None  # noqa: N815
-    netIfaceNames: tuple[str, ...] | None = None  # noqa: N815
-    initiatorName: str | None = None  # noqa: N815
+    ifaceName: str | None = None
+    netIfaceName: str | None = None
+    netIfaceNames: tuple[str, ...] | None = None
+    initiatorName: str | None = None
 
     @property
     def portal(self) -> str:
@@ -271,12 +272,32 @@ class IscsiSpec(ConnectionSpec):
 @dataclass(frozen=True)
 class ManagedSpec(ConnectionSpec):
     TYPE: ClassVar[str] = "managed"
-    volumeID: str = ""  # noqa: N815
+    volumeID: str = ""
     connection_info: Secret | None = None  # JSON text; may hold array credentials
 
     @property
     def key(self) -> ConnectionKey:
         return ConnectionKey("managed", self.volumeID)
+
+    def info(self) -> dict[str, Any]:
+        """The connection info with its secrets, for os-brick."""
+        return json.loads(self.connection_info.reveal()) if self.connection_info else {}
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "volumeID": self.volumeID,
+                "connection_info": mask_secrets(self.info())}
+
+    def to_store(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "volumeID": self.volumeID, "connection_info": self.info()}
+
+
+def mask_secrets(value: Any) -> Any:
+    """A copy of a JSON value with the values of secret-named keys masked."""
+    if isinstance(value, dict):
+        return {k: MASK if is_secret_name(k) else mask_secrets(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [mask_secrets(v) for v in value]
+    return value
 
 
 SPEC_TYPES: dict[str, type[ConnectionSpec]] = {

@@ -1,0 +1,21 @@
+"""The table of backends: connection type -> connector."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vdsmconn.connectors.base import Connector, HostContext
+from vdsmconn.connectors.localfs import LocalConnector
+from vdsmconn.connectors.mount import GlusterConnector, NfsConnector, PosixConnector
+from vdsmconn.connectors.unavailable import UnavailableConnector
+
+
+def build(host: HostContext) -> dict[str, Connector[Any]]:
+    return {
+        "posixfs": PosixConnector(host),
+        "nfs": NfsConnector(host),
+        "glusterfs": GlusterConnector(host),
+        "localfs": LocalConnector(host),
+        "iscsi": UnavailableConnector(host, "iscsi", "the iSCSI backend is not built yet"),
+        "managed": UnavailableConnector(host, "managed", "the os-brick backend is not built yet"),
+    }

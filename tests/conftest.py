@@ -1,0 +1,107 @@
+"""Fixtures shared by every test, and the leak checks every test passes through."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.daemon import Daemon
+from vdsmconn.host import mountinfo
+
+IS_ROOT = os.geteuid() == 0
+
+
+def _children() -> set[int]:
+    me = str(os.getpid())
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == me and fields[0] != "Z":
+            found.add(int(entry))
+    return found
+
+
+def _mounts() -> set[tuple[int, str]]:
+    return {(m.mount_id, m.mountpoint) for m in mountinfo.read()}
+
+
+def _loop_devices() -> set[str]:
+    try:
+        out = subprocess.run(["losetup", "-a", "-n", "-O", "NAME"], capture_output=True,
+                             text=True, timeout=10, check=False).stdout
+    except OSError:
+        return set()
+    return set(out.split())
+
+
+@pytest.fixture(autouse=True)
+def no_host_leaks() -> Iterator[None]:
+    """Fail a test that leaves a child process, a mount or a loop device behind."""
+    children, mounts, loops = _children(), _mounts(), _loop_devices()
+    yield
+    left = []
+    if extra := _children() - children:
+        left.append(f"child processes {sorted(extra)}")
+    if extra_mounts := _mounts() - mounts:
+        left.append(f"mounts {sorted(p for _, p in extra_mounts)}")
+    if extra_loops := _loop_devices() - loops:
+        left.append(f"loop devices {sorted(extra_loops)}")
+    if left:
+        pytest.fail("test left behind: " + "; ".join(left))
+
+
+@pytest.fixture(autouse=True)
+async def no_task_leaks() -> AsyncIterator[None]:
+    """Fail a test that leaves asyncio tasks running."""
+    before = asyncio.all_tasks()
+    yield
+    await asyncio.sleep(0)
+    current = asyncio.current_task()
+    left = [t for t in asyncio.all_tasks() - before if t is not current and not t.done()]
+    for task in left:
+        task.cancel()
+    if left:
+        pytest.fail(f"test left asyncio tasks running: {[t.get_name() for t in left]}")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("root") and not IS_ROOT:
+            item.add_marker(pytest.mark.skip(reason="needs root (mounts, loop devices)"))
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    """A running daemon; torn down with everything it mounted."""
+    d = Daemon(tmp_path)
+    try:
+        d.start()
+        yield d
+    finally:
+        d.cleanup()
+
+
+@pytest.fixture
+def loop_xfs(tmp_path: Path) -> Iterator[str]:
+    """A loop device with a fresh XFS file system on it."""
+    image = tmp_path / "xfs.img"
+    with open(image, "wb") as f:
+        f.truncate(320 * 1024 * 1024)
+    device = subprocess.run(["losetup", "-f", "--show", str(image)], capture_output=True,
+                            text=True, check=True, timeout=30).stdout.strip()
+    try:
+        subprocess.run(["mkfs.xfs", "-q", "-f", device], check=True, timeout=60)
+        yield device
+    finally:
+        subprocess.run(["losetup", "-d", device], check=False, timeout=30)

@@ -1,0 +1,57 @@
+"""One clock for the daemon, so tests can drive backoff and timers without sleeping."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+
+
+class Clock:
+    def time(self) -> float:
+        """Wall-clock seconds since the epoch, for timestamps shown to clients."""
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds))
+
+
+class FakeClock(Clock):
+    """A clock that moves only when a test calls `advance`."""
+
+    def __init__(self, start: float = 1_000_000.0) -> None:
+        self._now = start
+        self._seq = itertools.count()
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+
+    def time(self) -> float:
+        return self._now
+
+    def monotonic(self) -> float:
+        return self._now
+
+    async def sleep(self, seconds: float) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (self._now + max(0.0, seconds), next(self._seq), fut))
+        await fut
+
+    def pending(self) -> list[float]:
+        """Deadlines of the sleepers still waiting, soonest first."""
+        return sorted(d for d, _, f in self._sleepers if not f.done())
+
+    async def advance(self, seconds: float) -> None:
+        """Move time forward, waking every sleeper whose deadline has come, in order."""
+        target = self._now + seconds
+        while self._sleepers and self._sleepers[0][0] <= target:
+            deadline, _, fut = heapq.heappop(self._sleepers)
+            self._now = max(self._now, deadline)
+            if not fut.done():
+                fut.set_result(None)
+                for _ in range(5):
+                    await asyncio.sleep(0)
+        self._now = target
+        await asyncio.sleep(0)

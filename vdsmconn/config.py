@@ -1,0 +1,202 @@
+"""Typed, frozen settings: built-in defaults, then /etc drop-ins, or one file given with -c.
+
+Unknown keys and bad values stop start-up with a message naming the key (SPEC 11).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+MAIN_FILE = Path("/etc/vdsmconn/vdsmconn.yaml")
+DROPIN_GLOB = "/etc/vdsmconn/conf.d/*.yaml"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message names the key and the file."""
+
+
+@dataclass(frozen=True)
+class TcpConfig:
+    listen: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None
+
+
+@dataclass(frozen=True)
+class RpcConfig:
+    socket: str = "/run/vdsmconn/vdsmconn.sock"
+    socket_group: str | None = "kvm"
+    tcp: TcpConfig = field(default_factory=TcpConfig)
+    max_clients: int = 64
+    idle_timeout: float = 600.0
+    max_message: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str | None = "127.0.0.1:9917"
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    backoff_initial: float = 0.5
+    backoff_max: float = 60.0
+    probe_interval: float = 10.0
+    probe_timeout: float = 10.0
+    command_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class IscsiConfig:
+    parallel_logins: int = 10
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    state_dir: str = "/var/lib/vdsmconn"
+    run_dir: str = "/run/vdsmconn"
+    mount_root: str = "/rhev/data-center/mnt"
+    mount_command: str = "mount"
+    umount_command: str = "umount"
+    rpc: RpcConfig = field(default_factory=RpcConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+    iscsi: IscsiConfig = field(default_factory=IscsiConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# Checks of values beyond their type: key path -> (predicate, what is expected).
+_POSITIVE = (lambda v: v > 0, "a number greater than 0")
+_CHECKS: dict[str, tuple[Any, str]] = {
+    "state_dir": (os.path.isabs, "an absolute path"),
+    "run_dir": (os.path.isabs, "an absolute path"),
+    "mount_root": (os.path.isabs, "an absolute path"),
+    "rpc.socket": (os.path.isabs, "an absolute path"),
+    "rpc.max_clients": _POSITIVE,
+    "rpc.idle_timeout": _POSITIVE,
+    "rpc.max_message": (lambda v: v >= 1024, "at least 1024"),
+    "supervisor.backoff_initial": _POSITIVE,
+    "supervisor.backoff_max": _POSITIVE,
+    "supervisor.probe_interval": _POSITIVE,
+    "supervisor.probe_timeout": _POSITIVE,
+    "supervisor.command_timeout": _POSITIVE,
+    "iscsi.parallel_logins": (lambda v: 1 <= v <= 256, "an integer from 1 to 256"),
+    "logging.level": (lambda v: v in LOG_LEVELS, "one of " + ", ".join(LOG_LEVELS)),
+    "metrics.listen": (lambda v: v is None or _is_hostport(v), "HOST:PORT or null"),
+    "rpc.tcp.listen": (lambda v: v is None or _is_hostport(v), "HOST:PORT or null"),
+}
+
+
+def _is_hostport(value: str) -> bool:
+    host, sep, port = value.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+
+
+T = TypeVar("T")
+
+
+def _coerce(path: str, expected: Any, value: Any, source: str) -> Any:
+    """Check `value` against the field type text `expected` (dataclass annotations are text)."""
+    optional = expected.endswith("| None")
+    base = expected.removesuffix("| None").strip()
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{source}: {path}: must not be null")
+    if base == "float" and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if base == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if base == "str" and isinstance(value, str):
+        return value
+    raise ConfigError(f"{source}: {path}: expected {base}, got {type(value).__name__} {value!r}")
+
+
+def _merge(obj: T, data: Any, source: str, prefix: str = "") -> T:
+    if not isinstance(data, dict):
+        where = prefix.rstrip(".") or "top level"
+        raise ConfigError(f"{source}: {where}: expected a mapping")
+    known = {f.name: f for f in dataclasses.fields(obj)}  # type: ignore[arg-type]
+    changes: dict[str, Any] = {}
+    for name, value in data.items():
+        path = f"{prefix}{name}"
+        if name not in known:
+            raise ConfigError(f"{source}: unknown key {path!r}")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            changes[name] = _merge(current, value, source, f"{path}.")
+            continue
+        value = _coerce(path, str(known[name].type), value, source)
+        check = _CHECKS.get(path)
+        if check is not None and value is not None and not check[0](value):
+            raise ConfigError(f"{source}: {path}: expected {check[1]}, got {value!r}")
+        changes[name] = value
+    return dataclasses.replace(obj, **changes)  # type: ignore[type-var]
+
+
+def load_text(text: str, source: str, base: Config | None = None) -> Config:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+    config = base or Config()
+    if data is None:
+        return config
+    config = _merge(config, data, source)
+    if config.supervisor.backoff_initial > config.supervisor.backoff_max:
+        raise ConfigError(f"{source}: supervisor.backoff_initial is above backoff_max")
+    return config
+
+
+def load(path: str | None = None, base: Config | None = None) -> Config:
+    """The effective configuration: `path` alone if given, else defaults + /etc files."""
+    files = [Path(path)] if path else _system_files()
+    config = base or Config()
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"{f}: cannot read: {e.strerror}") from None
+        config = load_text(text, str(f), config)
+    return config
+
+
+def _system_files() -> list[Path]:
+    files = [MAIN_FILE] if MAIN_FILE.exists() else []
+    files.extend(Path(p) for p in sorted(glob.glob(DROPIN_GLOB)))
+    return files
+
+
+def local(folder: str) -> Config:
+    """The embedded default for a trial run: everything in one local folder, no metrics."""
+    root = os.path.abspath(folder)
+    return dataclasses.replace(
+        Config(),
+        state_dir=f"{root}/state",
+        run_dir=f"{root}/run",
+        mount_root=f"{root}/mnt",
+        rpc=RpcConfig(socket=f"{root}/run/vdsmconn.sock", socket_group=None),
+        metrics=MetricsConfig(listen=None),
+    )
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def dump(config: Config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

@@ -1,0 +1,220 @@
+"""Connections that are a mount under the mount root: posixfs, and the base of nfs/glusterfs."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from vdsmconn import errors
+from vdsmconn.connectors.base import Connected, Connector, StepLog
+from vdsmconn.host import mountinfo, probe
+from vdsmconn.model import MountSpec
+
+# errno values that mean the mount is dead rather than merely refusing us.
+_STALE = {errno.ESTALE, errno.ENOTCONN, errno.EIO, errno.EHOSTDOWN, errno.ETIMEDOUT}
+
+
+def _check_mountpoint(path: str) -> None:
+    """Blocking: ask the file system behind `path` to answer (runs in a probe thread)."""
+    os.statvfs(path)
+    os.stat(path)
+
+
+async def read_mounts() -> dict[str, mountinfo.Mount]:
+    table = await asyncio.to_thread(mountinfo.read)
+    return {m.mountpoint: m for m in table}
+
+
+class MountConnector(Connector[MountSpec]):
+    """`mount -t <vfs_type> -o <options> <spec> <mount point>` and its inverse."""
+
+    fstype: str | None = None  # fixed file system type (nfs, glusterfs) or None: the spec's
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._probes: dict[str, probe.Probe[None]] = {}
+
+    def mountpoint(self, spec: MountSpec) -> str:
+        return os.path.join(self.host.config.mount_root, spec.mount_name)
+
+    def available(self) -> str | None:
+        command = self.host.config.mount_command
+        if shutil.which(command) is None:
+            return f"{command} not found"
+        return None
+
+    def mount_argv(self, spec: MountSpec, target: str, extra: tuple[str, ...] = ()) -> list[str]:
+        argv = [self.host.config.mount_command]
+        fstype = self.fstype or spec.vfs_type
+        if fstype:
+            argv += ["-t", fstype]
+        options = [*extra, *spec.options()]
+        if options:
+            argv += ["-o", ",".join(options)]
+        return [*argv, spec.connection, target]
+
+    def present(self, spec: MountSpec) -> Connected | None:
+        path = self.mountpoint(spec)
+        return Connected(path=path) if path in self.host.mounts() else None
+
+    async def connect(self, spec: MountSpec) -> Connected:
+        path = self.mountpoint(spec)
+        if path in await read_mounts():
+            return Connected(path=path)
+        await asyncio.to_thread(os.makedirs, path, 0o755, True)
+        await self._mount(spec, path)
+        return Connected(path=path)
+
+    async def _mount(self, spec: MountSpec, path: str, extra: tuple[str, ...] = ()) -> None:
+        timeout = self.host.config.supervisor.command_timeout
+        result = await self.host.runner.run(self.mount_argv(spec, path, extra), timeout=timeout)
+        if result.rc != 0:
+            raise errors.MountError(
+                f"mount of {spec.connection} failed: {_tail(result.stderr)}",
+                {"rc": result.rc},
+            )
+
+    async def disconnect(self, spec: MountSpec, force: bool = False) -> None:
+        path = self.mountpoint(spec)
+        if path in await read_mounts():
+            await self._umount(path, force)
+        if path in await read_mounts():
+            raise errors.MountError(f"{path} is still mounted after umount")
+        await asyncio.to_thread(_remove_dir, path)
+
+    async def _umount(self, path: str, force: bool) -> None:
+        argv = [self.host.config.umount_command]
+        if force:
+            argv += ["-f", "-l"]
+        timeout = self.host.config.supervisor.command_timeout
+        result = await self.host.runner.run([*argv, path], timeout=timeout)
+        if result.rc != 0:
+            raise errors.MountError(
+                f"umount of {path} failed: {_tail(result.stderr)}", {"rc": result.rc}
+            )
+
+    async def probe(self, spec: MountSpec) -> None:
+        path = self.mountpoint(spec)
+        if path not in self.host.mounts() and path not in await read_mounts():
+            raise errors.MountError(f"{path} is not mounted")
+        outstanding = self._probes.get(path)
+        if outstanding is not None and outstanding.running:
+            raise errors.MountHung(f"{path}: an earlier probe has still not returned")
+        check = probe.Probe(lambda: _check_mountpoint(path), f"probe of {path}")
+        self._probes[path] = check
+        try:
+            await check.result(self.host.config.supervisor.probe_timeout)
+        except errors.Timeout as e:
+            raise errors.MountHung(f"{path} does not answer: {e.message}") from None
+        except OSError as e:
+            raise _os_error(path, e) from None
+        self._probes.pop(path, None)
+
+    async def test(self, spec: MountSpec, timeout: float) -> StepLog:
+        log = StepLog()
+        if spec.connection.startswith("/") and not await log.run(
+            "source", lambda: self._source_exists(spec.connection, timeout)
+        ):
+            return log
+        await log.run("mount", lambda: self._test_mount(spec))
+        return log
+
+    async def _source_exists(self, source: str, timeout: float) -> str:
+        try:
+            exists = await probe.run(lambda: os.path.exists(source), f"stat {source}", timeout)
+        except errors.Timeout as e:
+            raise errors.StaleMount(e.message) from None
+        if not exists:
+            raise errors.ConnectError(f"{source} does not exist")
+        return f"{source} exists"
+
+    async def _test_mount(self, spec: MountSpec) -> str:
+        """Mount read-only in a private temporary directory, then unmount."""
+        base = os.path.join(self.host.config.run_dir, "test")
+        await asyncio.to_thread(os.makedirs, base, 0o700, True)
+        target = await asyncio.to_thread(tempfile.mkdtemp, None, None, base)
+        try:
+            await self._mount(spec, target, extra=("ro",))
+            await self._umount(target, force=False)
+        finally:
+            if target in await read_mounts():
+                await self._umount(target, force=True)
+            await asyncio.to_thread(_remove_dir, target)
+        return f"{spec.connection} mounts read-only"
+
+
+def _remove_dir(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EBUSY):
+            raise
+
+
+def _os_error(path: str, e: OSError) -> errors.Error:
+    reason = os.strerror(e.errno) if e.errno else str(e)
+    if e.errno in _STALE:
+        return errors.StaleMount(f"{path}: {reason}", {"errno": e.errno})
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return errors.AccessPermissionError(f"{path}: {reason}", {"errno": e.errno})
+    return errors.StaleMount(f"{path}: {reason}", {"errno": e.errno})
+
+
+def _tail(text: str, limit: int = 500) -> str:
+    text = text.strip()
+    return text[-limit:] if text else "no message"
+
+
+class PosixConnector(MountConnector):
+    """posixfs: any file system mount(8) knows, with the client's type and options."""
+
+
+class HelperMountConnector(MountConnector):
+    """A file system whose mount needs a helper program (mount.<type>) and its package."""
+
+    package = ""
+
+    def available(self) -> str | None:
+        helper = f"mount.{self.fstype}"
+        if not any(os.path.exists(f"{d}/{helper}") for d in ("/sbin", "/usr/sbin")):
+            return f"{helper} not found (install {self.package})"
+        return super().available()
+
+
+class NfsConnector(HelperMountConnector):
+    fstype = "nfs"
+    package = "nfs-common"
+
+
+class GlusterConnector(HelperMountConnector):
+    fstype = "glusterfs"
+    package = "glusterfs-client"
+
+
+def foreign_mounts(
+    mounts: dict[str, mountinfo.Mount], mount_root: str, known: set[str]
+) -> list[dict[str, Any]]:
+    """Mounts under the mount root that no managed key owns."""
+    root = mount_root.rstrip("/")
+    found = []
+    for mp, m in sorted(mounts.items()):
+        if mp.startswith(root + "/") and mp not in known:
+            found.append(
+                {"type": _type_of(m.fstype), "connection": m.source, "vfs_type": m.fstype,
+                 "path": mp}
+            )
+    return found
+
+
+def _type_of(fstype: str) -> str:
+    if fstype in ("nfs", "nfs4"):
+        return "nfs"
+    if fstype == "fuse.glusterfs":
+        return "glusterfs"
+    return "posixfs"

@@ -1,0 +1,156 @@
+"""vdsmconnd: wiring only. Build the parts, run them, stop them in order."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from vdsmconn import __version__, config, connectors, errors, systemd
+from vdsmconn.clock import Clock
+from vdsmconn.connectors.base import HostContext
+from vdsmconn.connectors.mount import read_mounts
+from vdsmconn.host.command import CommandRunner
+from vdsmconn.host.mountinfo import Mount
+from vdsmconn.monitors.mountinfo import MountinfoWatcher
+from vdsmconn.reconcile.reconciler import Reconciler
+from vdsmconn.rpc import jsonrpc, methods, params
+from vdsmconn.rpc.server import Limits, UnixServer
+from vdsmconn.service import Service
+from vdsmconn.state.actual import ActualState
+from vdsmconn.state.desired import DesiredState
+from vdsmconn.state.store import Store
+
+log = logging.getLogger("vdsmconn")
+
+
+class Daemon:
+    def __init__(self, cfg: config.Config) -> None:
+        self.config = cfg
+        self.clock = Clock()
+        self.stop = asyncio.Event()
+
+    async def load_desired(self, store: Store) -> DesiredState:
+        desired = DesiredState()
+        for row in await store.load():
+            try:
+                spec = params.parse_connection(row.connection)
+            except errors.Error as e:
+                # Kept on disk untouched; an operator can unmanage it. Never torn down here.
+                log.error("LOAD cid=%s unreadable connection, not supervised: %s",
+                          row.cid, e.message)
+                continue
+            desired.apply_put(row.cid, spec)
+        return desired
+
+    async def run(self) -> None:
+        cfg = self.config
+        for path in (cfg.run_dir, cfg.mount_root):
+            await asyncio.to_thread(os.makedirs, path, 0o755, True)
+        store = Store(Path(cfg.state_dir))
+        await store.open()
+        runner = CommandRunner()
+        watcher = MountinfoWatcher()
+        server: UnixServer | None = None
+        reconciler: Reconciler | None = None
+        try:
+            desired = await self.load_desired(store)
+            actual = ActualState()
+            mounts = await read_mounts()
+            host = HostContext(cfg, runner, lambda: reconciler.mounts if reconciler else mounts)
+            table = connectors.build(host)
+            reconciler = Reconciler(cfg, desired, actual, table, self.clock)
+            service = Service(cfg, store, desired, actual, reconciler, table, self.clock)
+            log.info("START version=%s cids=%d keys=%d mount_root=%s", __version__,
+                     len(desired), len(desired.all_keys()), cfg.mount_root)
+            reconciler.start(mounts)
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(watcher.run(lambda ms: reconciler.on_mounts(_by_path(ms))))
+                server = UnixServer(
+                    jsonrpc.Dispatcher(methods.build(service)), cfg.rpc.socket,
+                    group=cfg.rpc.socket_group,
+                    limits=Limits(max_message=cfg.rpc.max_message,
+                                  idle_timeout=cfg.rpc.idle_timeout,
+                                  max_clients=cfg.rpc.max_clients),
+                )
+                await server.start()
+                systemd.notify(f"READY=1\nSTATUS=supervising {len(desired.all_keys())} connections")
+                interval = systemd.watchdog_interval()
+                if interval:
+                    tasks.create_task(systemd.watchdog(interval))
+                log.info("READY socket=%s", cfg.rpc.socket)
+                await self.stop.wait()
+                systemd.notify("STOPPING=1")
+                log.info("STOPPING: connections stay as they are")
+                raise _Stop
+        except* _Stop:
+            pass
+        finally:
+            if server is not None:
+                await server.close()
+            if reconciler is not None:
+                await reconciler.close()
+            await runner.close()
+            await store.close()
+            log.info("STOPPED")
+
+
+class _Stop(Exception):
+    """Ends the daemon's task group on a stop signal."""
+
+
+def _by_path(mounts: list[Mount]) -> dict[str, Mount]:
+    return {m.mountpoint: m for m in mounts}
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        stream=sys.stderr, level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="vdsmconnd", description="vdsmconn daemon")
+    parser.add_argument("-c", "--config", help="configuration file (instead of /etc/vdsmconn)")
+    parser.add_argument("--local", metavar="DIR",
+                        help="trial run: state, socket and mount root in DIR, no config needed")
+    parser.add_argument("--show-config", action="store_true",
+                        help="print the effective configuration and exit")
+    parser.add_argument("--version", action="version", version=__version__)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.local:
+            base = config.local(args.local)
+            cfg = config.load(args.config, base) if args.config else base
+        else:
+            cfg = config.load(args.config)
+    except config.ConfigError as e:
+        print(f"vdsmconnd: configuration error: {e}", file=sys.stderr)
+        return 2
+    if args.show_config:
+        print(config.dump(cfg), end="")
+        return 0
+    setup_logging(cfg.logging.level)
+    return asyncio.run(_main(cfg))
+
+
+async def _main(cfg: config.Config) -> int:
+    daemon = Daemon(cfg)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.stop.set)
+    try:
+        await daemon.run()
+    except Exception as e:
+        log.critical("daemon failed: %s", e, exc_info=not isinstance(e, errors.Error | OSError))
+        return 1
+    return 0

@@ -1,0 +1,112 @@
+"""Drives actual state toward desired state: owns one supervisor task per key."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from vdsmconn import errors
+from vdsmconn.clock import Clock
+from vdsmconn.config import Config
+from vdsmconn.connectors.base import Connector
+from vdsmconn.connectors.mount import read_mounts
+from vdsmconn.host.mountinfo import Mount
+from vdsmconn.model import ConnectionKey, State
+from vdsmconn.reconcile.supervisor import Supervisor
+from vdsmconn.state.actual import ActualState, ErrorInfo
+from vdsmconn.state.desired import DesiredState
+
+log = logging.getLogger(__name__)
+
+# Connects and disconnects running at once, across all keys (a start-up with a thousand
+# connections must not fork a thousand mount commands at the same time).
+MAX_OPERATIONS = 16
+
+
+class Reconciler:
+    def __init__(
+        self, config: Config, desired: DesiredState, actual: ActualState,
+        connectors: dict[str, Connector[Any]], clock: Clock,
+    ) -> None:
+        self.config = config
+        self.desired = desired
+        self.actual = actual
+        self.connectors = connectors
+        self.clock = clock
+        self.mounts: dict[str, Mount] = {}
+        self.operations = asyncio.Semaphore(MAX_OPERATIONS)
+        self._supervisors: dict[ConnectionKey, Supervisor] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    def start(self, mounts: dict[str, Mount]) -> None:
+        """Supervise every desired key, adopting what the host already shows."""
+        self.mounts = mounts
+        for key in self.desired.all_keys():
+            self._spawn(key, adopt=True)
+
+    def kick(self, key: ConnectionKey) -> None:
+        """Desired state of `key` changed, or an event concerns it: look again soon."""
+        sup = self._supervisors.get(key)
+        if sup is None:
+            self._spawn(key, adopt=False)
+        else:
+            sup.kick()
+
+    def on_mounts(self, mounts: dict[str, Mount]) -> None:
+        """The mount table changed: wake every connected key whose mount is gone."""
+        self.mounts = mounts
+        for key, sup in self._supervisors.items():
+            status = self.actual.get(key)
+            spec = sup.spec
+            if spec is None or status is None or not status.connected:
+                continue
+            if self.connectors[spec.TYPE].present(spec) is None:
+                log.info("VANISHED key=%s", key)
+                sup.kick(suspect=True)
+
+    async def refresh_mounts(self) -> bool:
+        """Read the mount table now (the watcher's copy may trail our own mounts)."""
+        self.mounts = await read_mounts()
+        return True
+
+    def forget(self, sup: Supervisor) -> None:
+        if self._supervisors.get(sup.key) is sup:
+            del self._supervisors[sup.key]
+
+    def _spawn(self, key: ConnectionKey, adopt: bool) -> None:
+        if self._closing:
+            return
+        sup = Supervisor(key, self, adopt)
+        self._supervisors[key] = sup
+        task = asyncio.get_running_loop().create_task(self._run(sup), name=f"supervise {key}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, sup: Supervisor) -> None:
+        try:
+            await sup.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            # A bug, not a storage failure: keep the key visible and supervise it again.
+            log.exception("supervisor of key=%s crashed", sup.key)
+            self.forget(sup)
+            self.actual.set_state(
+                sup.key, State.FAILED, self.clock.time(),
+                last_error=ErrorInfo(errors.GeneralError.code, f"internal error: {e}",
+                                     self.clock.time()),
+            )
+            await self.clock.sleep(self.config.supervisor.backoff_max)
+            if sup.key not in self._supervisors:
+                self._spawn(sup.key, adopt=True)
+
+    async def close(self) -> None:
+        """Stop supervising. Connections stay as they are on the host."""
+        self._closing = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._supervisors.clear()

@@ -1,0 +1,194 @@
+"""One supervisor per key: the only place operations on a real connection start.
+
+A supervisor runs one operation at a time (connect, probe, disconnect). Requests that come
+in meanwhile only set its wake flag; when the running operation ends the supervisor looks at
+the desired state again, so nothing runs in parallel and nothing is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from vdsmconn import errors
+from vdsmconn.connectors.base import Connected, Connector
+from vdsmconn.host.command import StuckCommand
+from vdsmconn.model import ConnectionKey, ConnectionSpec, State
+from vdsmconn.reconcile.backoff import Backoff
+from vdsmconn.state.actual import ErrorInfo, KeyStatus
+
+if TYPE_CHECKING:
+    from vdsmconn.reconcile.reconciler import Reconciler
+
+log = logging.getLogger(__name__)
+
+
+class Supervisor:
+    def __init__(self, key: ConnectionKey, rec: Reconciler, adopt: bool) -> None:
+        self.key = key
+        self.rec = rec
+        self.adopt = adopt
+        self.wake = asyncio.Event()
+        sup = rec.config.supervisor
+        self.backoff = Backoff(sup.backoff_initial, sup.backoff_max)
+        self.spec: ConnectionSpec | None = None  # what is (or may be) up on the host
+        self.suspect = False  # an event says the connection may be gone: check it now
+
+    def kick(self, suspect: bool = False) -> None:
+        self.suspect = self.suspect or suspect
+        self.wake.set()
+
+    # --- helpers -----------------------------------------------------------------------
+
+    @property
+    def status(self) -> KeyStatus | None:
+        return self.rec.actual.get(self.key)
+
+    def _connector(self, spec: ConnectionSpec) -> Connector[Any]:
+        return self.rec.connectors[spec.TYPE]
+
+    def _set(self, state: State, **changes: Any) -> None:
+        old = self.status
+        now = self.rec.clock.time()
+        if old is None or old.state != state:
+            code = changes["last_error"].code if changes.get("last_error") else None
+            log.info(
+                "STATE key=%s %s->%s%s", self.key, old.state if old else "none", state,
+                f" code={code}" if code else "",
+            )
+        self.rec.actual.set_state(self.key, state, now, **changes)
+
+    def _error(self, e: errors.Error) -> ErrorInfo:
+        return ErrorInfo(e.code, e.message, self.rec.clock.time())
+
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep, cut short by a kick; True if a kick ended it."""
+        if self.wake.is_set():
+            self.wake.clear()
+            return True
+        sleeper = asyncio.ensure_future(self.rec.clock.sleep(seconds))
+        waker = asyncio.ensure_future(self.wake.wait())
+        try:
+            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sleeper, waker):
+                task.cancel()
+            await asyncio.gather(sleeper, waker, return_exceptions=True)
+        woken = self.wake.is_set()
+        self.wake.clear()
+        return woken
+
+    async def _fail(self, state: State, e: errors.Error) -> None:
+        """Record a failure and wait out the backoff (a kick cuts it short)."""
+        if isinstance(e, StuckCommand):
+            self._set(State.STUCK, last_error=self._error(e), next_retry=None)
+            log.warning("STUCK key=%s waiting for a command that will not die", self.key)
+            await e.reaped
+        delay = self.backoff.next_delay()
+        self._set(state, last_error=self._error(e), next_retry=self.rec.clock.time() + delay)
+        await self._pause(delay)
+        self.rec.actual.update(self.key, next_retry=None)
+
+    # --- the loop ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            desired = self.rec.desired.spec_of(self.key)
+            if desired is None:
+                gone = self.spec is None or await self._teardown(self.spec)
+                # No await between this check and leaving the table: a kick that comes
+                # after it starts a new supervisor.
+                if gone and self.rec.desired.spec_of(self.key) is None:
+                    self.rec.actual.remove(self.key, self.rec.clock.time())
+                    self.rec.forget(self)
+                    return
+                continue
+            if self.spec is not None and self.spec != desired:
+                log.info("UPDATE key=%s parameters changed, reconnecting", self.key)
+                if not await self._teardown(self.spec):
+                    continue
+            status = self.status
+            if status is None or status.state not in (State.CONNECTED, State.DEGRADED):
+                await self._bring_up(desired)
+            else:
+                await self._watch(desired)
+
+    async def _bring_up(self, spec: ConnectionSpec) -> None:
+        connector = self._connector(spec)
+        self.spec = spec
+        if self.adopt:
+            self.adopt = False
+            found = connector.present(spec)
+            if found is not None:
+                self._set(State.UNCERTAIN, **_connected_fields(found))
+                log.info("ADOPT key=%s path=%s", self.key, found.path)
+                await self._check(spec)
+                return
+        status = self.status
+        attempts = status.attempts + 1 if status and status.state != State.CONNECTED else 1
+        self._set(State.CONNECTING, attempts=attempts)
+        try:
+            async with self.rec.operations:
+                found = await connector.connect(spec)
+        except errors.Error as e:
+            log.warning("CONNECT key=%s failed code=%s: %s", self.key, e.code, e.message)
+            await self._fail(State.FAILED, e)
+            return
+        self.backoff.reset()
+        self._set(State.DEGRADED if found.degraded else State.CONNECTED,
+                  last_check=self.rec.clock.time(), **_connected_fields(found))
+
+    async def _watch(self, spec: ConnectionSpec) -> None:
+        """Connected: wait for the probe interval or an event, then check."""
+        woken = await self._pause(self.rec.config.supervisor.probe_interval)
+        if self.rec.desired.spec_of(self.key) != spec or (woken and not self.suspect):
+            return
+        self.suspect = False
+        await self._check(spec)
+
+    async def _check(self, spec: ConnectionSpec) -> None:
+        connector = self._connector(spec)
+        try:
+            if connector.present(spec) is None and await self.rec.refresh_mounts() and \
+                    connector.present(spec) is None:
+                raise errors.MountError(f"{self.key} disappeared from the host")
+            await connector.probe(spec)
+        except errors.Error as e:
+            state = State.STUCK if isinstance(e, errors.MountHung) else State.FAILED
+            log.warning("PROBE key=%s failed code=%s: %s", self.key, e.code, e.message)
+            self._set(state, last_error=self._error(e), last_check=self.rec.clock.time())
+            await self._recover(spec)
+            return
+        status = self.status
+        state = status.state if status and status.state != State.UNCERTAIN else State.CONNECTED
+        self._set(state, last_check=self.rec.clock.time())
+
+    async def _recover(self, spec: ConnectionSpec) -> None:
+        """Tear a broken connection down by force; the loop then brings it up again."""
+        try:
+            async with self.rec.operations:
+                await self._connector(spec).disconnect(spec, force=True)
+        except errors.Error as e:
+            log.warning("RECOVER key=%s disconnect failed: %s", self.key, e.message)
+            await self._fail(State.FAILED, e)
+
+    async def _teardown(self, spec: ConnectionSpec) -> bool:
+        """Disconnect; True when it is gone, False after a failure (and its backoff)."""
+        self._set(State.DISCONNECTING, next_retry=None)
+        try:
+            async with self.rec.operations:
+                await self._connector(spec).disconnect(spec)
+        except errors.Error as e:
+            log.warning("DISCONNECT key=%s failed code=%s: %s", self.key, e.code, e.message)
+            await self._fail(State.DISCONNECTING, e)
+            return False
+        log.info("DISCONNECTED key=%s", self.key)
+        self.spec = None
+        self.backoff.reset()
+        self.rec.actual.remove(self.key, self.rec.clock.time())
+        return True
+
+
+def _connected_fields(found: Connected) -> dict[str, Any]:
+    return {"path": found.path, "paths": found.paths, "next_retry": None}

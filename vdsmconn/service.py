@@ -1,0 +1,283 @@
+"""The verbs' logic, independent of the wire: desired state changes made durable, statuses.
+
+A change is checked and applied to the desired state in memory, written to the store (group
+commit), undone if the write fails, and only then handed to the reconciler and acknowledged.
+Changes to one CID are serialized by a per-CID lock; different CIDs proceed concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from vdsmconn import __version__, errors
+from vdsmconn.clock import Clock
+from vdsmconn.config import Config
+from vdsmconn.connectors import localfs, mount
+from vdsmconn.connectors.base import Connector
+from vdsmconn.model import ConnectionKey, ConnectionSpec, LocalSpec, MountSpec, State
+from vdsmconn.reconcile.reconciler import Reconciler
+from vdsmconn.state.actual import ActualState, Change, KeyStatus
+from vdsmconn.state.desired import DesiredState
+from vdsmconn.state.store import Delete, Put, Store
+
+log = logging.getLogger(__name__)
+
+ERROR_STATES = (State.FAILED, State.STUCK)
+
+
+class Service:
+    def __init__(
+        self, config: Config, store: Store, desired: DesiredState, actual: ActualState,
+        reconciler: Reconciler, connectors: dict[str, Connector[Any]], clock: Clock,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.desired = desired
+        self.actual = actual
+        self.reconciler = reconciler
+        self.connectors = connectors
+        self.clock = clock
+        self.started = clock.time()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._lock_users: dict[str, int] = {}
+        self._changed = asyncio.Event()  # set and replaced on every desired or actual change
+        actual.listen(self._on_change)
+
+    # --- locking -----------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, cids: list[str]) -> AsyncIterator[None]:
+        cids = sorted(set(cids))
+        for cid in cids:
+            self._locks.setdefault(cid, asyncio.Lock())
+            self._lock_users[cid] = self._lock_users.get(cid, 0) + 1
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                for cid in cids:
+                    await stack.enter_async_context(self._locks[cid])
+                yield
+            finally:
+                for cid in cids:
+                    self._lock_users[cid] -= 1
+                    if not self._lock_users[cid]:
+                        del self._lock_users[cid]
+                        del self._locks[cid]
+
+    def _on_change(self, change: Change | None = None) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # --- changes -------------------------------------------------------------------------
+
+    async def manage(self, cid: str, spec: ConnectionSpec) -> dict[str, Any]:
+        async with self._locked([cid]):
+            if self.desired.check_manage(cid, spec):
+                self.desired.apply_put(cid, spec)
+                try:
+                    await self.store.commit([Put(cid, str(spec.key), spec.to_store())])
+                except BaseException:
+                    self.desired.apply_delete(cid)
+                    raise
+                log.info("MANAGE cid=%s key=%s refs=%d", cid, spec.key,
+                         self.desired.refs(spec.key))
+                self.reconciler.kick(spec.key)
+                self._on_change()
+        return {"connectionID": cid, "key": str(spec.key)}
+
+    async def update(self, cid: str, spec: ConnectionSpec) -> dict[str, Any]:
+        async with self._locked([cid]):
+            old = self.desired.get(cid)
+            if self.desired.check_update(cid, spec) and old is not None:
+                self.desired.apply_put(cid, spec)
+                try:
+                    await self.store.commit([Put(cid, str(spec.key), spec.to_store())])
+                except BaseException:
+                    self.desired.apply_put(cid, old.spec)
+                    raise
+                log.info("UPDATE cid=%s key=%s->%s", cid, old.key, spec.key)
+                self.reconciler.kick(old.key)
+                self.reconciler.kick(spec.key)
+                self._on_change()
+        return {"connectionID": cid, "key": str(spec.key)}
+
+    async def unmanage(self, cid: str | None, prefix: str | None) -> dict[str, Any]:
+        targets = [cid] if cid is not None else self.desired.with_prefix(prefix or "")
+        async with self._locked(targets):
+            if cid is not None:
+                self.desired.check_unmanage(cid)
+            entries = [e for e in (self.desired.get(c) for c in targets) if e is not None]
+            for entry in entries:
+                self.desired.apply_delete(entry.cid)
+            try:
+                if entries:
+                    await self.store.commit([Delete(e.cid) for e in entries])
+            except BaseException:
+                for entry in entries:
+                    self.desired.apply_put(entry.cid, entry.spec)
+                raise
+            for entry in entries:
+                log.info("UNMANAGE cid=%s key=%s refs=%d", entry.cid, entry.key,
+                         self.desired.refs(entry.key))
+                self.reconciler.kick(entry.key)
+            if entries:
+                self._on_change()
+        return {"connectionIDs": [e.cid for e in entries]}
+
+    # --- statuses ------------------------------------------------------------------------
+
+    def status(self, cid: str) -> dict[str, Any]:
+        entry = self.desired.get(cid)
+        if entry is None:
+            raise errors.ConnectionIdNotFound(f"connection ID {cid!r} is not managed",
+                                              {"connectionID": cid})
+        return self._status(entry.key, entry.spec, self.actual.get(entry.key))
+
+    def _status(self, key: ConnectionKey, spec: ConnectionSpec,
+                st: KeyStatus | None) -> dict[str, Any]:
+        state = st.state if st else State.CONNECTING
+        return {
+            "managed": True,
+            "connected": bool(st and st.connected),
+            "state": str(state),
+            "key": str(key),
+            "refs": self.desired.refs(key),
+            "connection": spec.to_wire(),
+            "lastError": st.last_error.to_wire() if st and st.last_error else None,
+            "since": st.since if st else None,
+            "attempts": st.attempts if st else 0,
+            "nextRetry": st.next_retry if st else None,
+            "path": st.path if st else None,
+            "paths": st.paths if st else None,
+            "lastCheck": st.last_check if st else None,
+        }
+
+    async def list_status(
+        self, cids: list[str] | None, prefix: str | None, include_unmanaged: bool,
+    ) -> dict[str, Any]:
+        if cids is not None:
+            selected = [c for c in cids if self.desired.get(c) is not None]
+        else:
+            selected = sorted(e.cid for e in self.desired)
+        if prefix is not None:
+            selected = [c for c in selected if c.startswith(prefix)]
+        by_key: dict[ConnectionKey, dict[str, Any]] = {}
+        out: dict[str, Any] = {}
+        for cid in selected:
+            entry = self.desired.get(cid)
+            if entry is None:
+                continue
+            cached = by_key.get(entry.key)
+            if cached is None:
+                cached = by_key[entry.key] = self.status(cid)
+            out[cid] = cached
+        if include_unmanaged and cids is None and prefix is None:
+            for n, found in enumerate(await self.unmanaged(), start=1):
+                out[f"unmanaged:{n}"] = found
+        return out
+
+    def managed_paths(self) -> set[str]:
+        root = self.config.mount_root
+        return {
+            os.path.join(root, spec.mount_name)
+            for key in self.desired.all_keys()
+            if isinstance(spec := self.desired.spec_of(key), MountSpec | LocalSpec)
+        }
+
+    async def unmanaged(self) -> list[dict[str, Any]]:
+        known = self.managed_paths()
+        root = self.config.mount_root
+        found: list[dict[str, Any]] = mount.foreign_mounts(self.reconciler.mounts, root, known)
+        found += await asyncio.to_thread(localfs.foreign_links, root, known)
+        now = self.clock.time()
+        return [
+            {
+                "managed": False, "connected": True, "state": str(State.CONNECTED),
+                "key": "file:" + f["path"][len(root.rstrip("/")) + 1 :],
+                "refs": 0, "connection": {k: v for k, v in f.items() if k != "path"},
+                "lastError": None, "since": None, "attempts": 0, "nextRetry": None,
+                "path": f["path"], "paths": None, "lastCheck": now,
+            }
+            for f in found
+        ]
+
+    async def wait(self, cids: list[str], timeout: float, until: str) -> dict[str, Any]:
+        for cid in cids:
+            self.status(cid)  # 479 for an unknown CID, before waiting
+
+        def done(statuses: dict[str, Any]) -> bool:
+            if all(s["connected"] for s in statuses.values()):
+                return True
+            return until == "error" and any(
+                s["state"] in ERROR_STATES for s in statuses.values()
+            )
+
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    changed = self._changed
+                    statuses = {cid: self.status(cid) for cid in cids}
+                    if done(statuses):
+                        return statuses
+                    await changed.wait()
+        except TimeoutError:
+            statuses = {cid: self.status(cid) for cid in cids}
+            raise errors.Timeout(
+                f"not {until} within {timeout:g} s", statuses
+            ) from None
+
+    # --- checks and information ----------------------------------------------------------
+
+    async def test(self, spec: ConnectionSpec, timeout: float) -> dict[str, Any]:
+        connector = self.connectors[spec.TYPE]
+        reason = connector.available()
+        if reason is not None:
+            return {"ok": False, "steps": [{"step": "backend", "ok": False, "seconds": 0.0,
+                                            "detail": f"not available on this host: {reason}"}]}
+        try:
+            async with asyncio.timeout(timeout):
+                steps = await connector.test(spec, timeout)
+        except TimeoutError:
+            raise errors.Timeout(f"connectivity test did not finish within {timeout:g} s") \
+                from None
+        return steps.to_wire()
+
+    def host_info(self) -> dict[str, Any]:
+        counts: dict[str, int] = {str(s): 0 for s in State}
+        for key in self.desired.all_keys():
+            st = self.actual.get(key)
+            counts[str(st.state if st else State.CONNECTING)] += 1
+        backends = {}
+        for name, connector in self.connectors.items():
+            reason = connector.available()
+            backends[name] = {"available": reason is None, "reason": reason}
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime": round(self.clock.time() - self.started, 3),
+            "mountRoot": self.config.mount_root,
+            "backends": backends,
+            "connectionIDs": len(self.desired),
+            "keys": len(self.desired.all_keys()),
+            "states": counts,
+        }
+
+    def subscribe_changes(self, listener: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
+        """Call `listener` with a storageServerStateChanged body on every key change."""
+
+        def on_change(change: Change) -> None:
+            st = change.status
+            listener({
+                "connectionIDs": self.desired.cids_of(change.key),
+                "key": str(change.key),
+                "oldState": str(change.old) if change.old else None,
+                "newState": str(change.new) if change.new else None,
+                "lastError": st.last_error.to_wire() if st and st.last_error else None,
+                "time": change.time,
+            })
+
+        return self.actual.listen(on_change)
