@@ -1,0 +1,21 @@
+# Sourced by the run-*.sh scripts: Debian packages and the project's virtual environment.
+# Usage: . contrib/setup-env.sh [extra pip spec]   (as root, on Debian 12)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+APT_PACKAGES="python3 python3-venv util-linux mount xfsprogs e2fsprogs"
+
+missing=""
+for p in $APT_PACKAGES ${EXTRA_APT_PACKAGES:-}; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    [ "$(id -u)" = 0 ] || { echo "run as root (apt packages needed:$missing)" >&2; exit 1; }
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".${PIP_EXTRAS:-}"

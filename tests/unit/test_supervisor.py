@@ -1,0 +1,166 @@
+"""Supervisors driven by a fake clock: backoff, retries, one operation per key, stuck commands.
+
+Real connectors on temporary directories; the command runner is the fake one where a mount
+command has to fail or hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vdsmconn import config, connectors
+from vdsmconn.clock import FakeClock
+from vdsmconn.connectors.base import HostContext
+from vdsmconn.host.fakerunner import FakeRunner
+from vdsmconn.model import ConnectionKey, ConnectionSpec, LocalSpec, PosixSpec, State
+from vdsmconn.reconcile.reconciler import Reconciler
+from vdsmconn.state.actual import ActualState, KeyStatus
+from vdsmconn.state.desired import DesiredState
+
+
+class World:
+    def __init__(self, tmp: Path) -> None:
+        base = config.local(str(tmp))
+        sup = dataclasses.replace(base.supervisor, backoff_initial=1.0, backoff_max=8.0,
+                                  probe_interval=30.0)
+        self.config = dataclasses.replace(base, supervisor=sup)
+        self.clock = FakeClock()
+        self.runner = FakeRunner()
+        self.desired = DesiredState()
+        self.actual = ActualState()
+        host = HostContext(self.config, self.runner, dict)
+        self.connectors = connectors.build(host)
+        self.rec = Reconciler(self.config, self.desired, self.actual, self.connectors,
+                              self.clock)
+        self.changes: list[tuple[str, str | None, str | None]] = []
+        self.actual.listen(lambda c: self.changes.append((str(c.key), c.old, c.new)))
+
+    def manage(self, cid: str, spec: ConnectionSpec) -> ConnectionKey:
+        self.desired.apply_put(cid, spec)
+        self.rec.kick(spec.key)
+        return spec.key
+
+    def unmanage(self, cid: str) -> None:
+        key = self.desired.apply_delete(cid)
+        assert key is not None
+        self.rec.kick(key)
+
+    def status(self, key: ConnectionKey) -> KeyStatus:
+        st = self.actual.get(key)
+        assert st is not None
+        return st
+
+    async def settle(self) -> None:
+        for _ in range(20):
+            await asyncio.sleep(0)
+
+
+async def until(check: Callable[[], Any], what: str) -> None:
+    async with asyncio.timeout(5):
+        while not check():
+            await asyncio.sleep(0.001)
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    w = World(tmp_path)
+    yield w
+    await w.rec.close()
+    await w.runner.close()
+
+
+async def test_failed_connect_backs_off_then_succeeds(world: World, tmp_path: Path) -> None:
+    data = tmp_path / "later"
+    key = world.manage("c", LocalSpec(connection=str(data)))
+    await until(lambda: world.actual.get(key) and world.status(key).state == State.FAILED, "")
+    st = world.status(key)
+    assert st.last_error is not None and st.last_error.code == 451
+    assert st.attempts == 1
+    assert st.next_retry is not None
+    first_delay = st.next_retry - world.clock.time()
+    assert 0.8 <= first_delay <= 1.2  # backoff_initial 1.0 with 20% jitter
+
+    await world.clock.advance(first_delay)
+    await until(lambda: world.status(key).attempts == 2 and world.status(key).next_retry, "")
+    second_delay = (world.status(key).next_retry or 0) - world.clock.time()
+    assert 1.6 <= second_delay <= 2.4  # doubled
+
+    data.mkdir()
+    await world.clock.advance(second_delay)
+    await until(lambda: world.status(key).state == State.CONNECTED, "")
+    st = world.status(key)
+    assert st.next_retry is None and st.path is not None
+    assert Path(st.path).resolve() == data
+    assert world.rec._supervisors[key].backoff.failures == 0  # reset on success
+
+
+async def test_backoff_is_capped(world: World, tmp_path: Path) -> None:
+    key = world.manage("c", LocalSpec(connection=str(tmp_path / "never")))
+    delays = []
+    for attempt in range(1, 8):
+        await until(lambda a=attempt: world.actual.get(key) and  # type: ignore[misc]
+                    world.status(key).attempts == a and world.status(key).next_retry, "")
+        delay = (world.status(key).next_retry or 0) - world.clock.time()
+        delays.append(delay)
+        await world.clock.advance(delay)
+    assert max(delays) <= 8.0
+    assert delays[-1] >= 8.0 * 0.8
+
+
+async def test_kick_cuts_backoff_short_for_unmanage(world: World, tmp_path: Path) -> None:
+    key = world.manage("c", LocalSpec(connection=str(tmp_path / "missing")))
+    await until(lambda: world.actual.get(key) and world.status(key).state == State.FAILED, "")
+    world.unmanage("c")
+    await until(lambda: world.actual.get(key) is None, "")
+    assert key not in world.rec._supervisors
+    assert world.changes[-1] == (str(key), State.DISCONNECTING, None)
+
+
+async def test_mount_failure_reports_stderr(world: World) -> None:
+    world.runner.expect(["mount", "-t", "xfs"], rc=32, stderr="mount: wrong fs type",
+                        prefix=True)
+    key = world.manage("c", PosixSpec(connection="/dev/vc-x", vfs_type="xfs"))
+    await until(lambda: world.actual.get(key) and world.status(key).state == State.FAILED, "")
+    err = world.status(key).last_error
+    assert err is not None and err.code == 477 and "wrong fs type" in err.message
+    assert world.runner.argvs[0] == (
+        "mount", "-t", "xfs", "/dev/vc-x", f"{world.config.mount_root}/_dev_vc-x")
+
+
+async def test_stuck_command_blocks_further_operations(world: World) -> None:
+    mp = f"{world.config.mount_root}/_dev_vc-y"
+    world.runner.expect(["mount", "-t", "xfs", "/dev/vc-y", mp], stuck=True, times=1)
+    key = world.manage("c", PosixSpec(connection="/dev/vc-y", vfs_type="xfs"))
+    await until(lambda: world.actual.get(key) and world.status(key).state == State.STUCK, "")
+    world.unmanage("c")
+    await world.settle()
+    await world.clock.advance(100)
+    await world.settle()
+    # Nothing else ran on the key while the command could not be killed.
+    assert world.runner.argvs == [("mount", "-t", "xfs", "/dev/vc-y", mp)]
+    assert world.status(key).state == State.STUCK
+    world.runner.release()
+    await until(lambda: world.actual.get(key) is not None and
+                world.status(key).state != State.STUCK, "")
+    await world.clock.advance(100)
+    await until(lambda: world.actual.get(key) is None, "")
+
+
+async def test_one_operation_at_a_time_per_key(world: World, tmp_path: Path) -> None:
+    """Many kicks while an operation runs queue behind it; nothing runs in parallel."""
+    data = tmp_path / "d"
+    data.mkdir()
+    spec = LocalSpec(connection=str(data))
+    key = world.manage("a", spec)
+    for n in range(20):
+        world.manage(f"b{n}", spec)
+    await until(lambda: world.actual.get(key) and world.status(key).state == State.CONNECTED, "")
+    states = [new for k, _, new in world.changes if k == str(key)]
+    assert states == [State.CONNECTING, State.CONNECTED]
+    assert len(world.rec._supervisors) == 1

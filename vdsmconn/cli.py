@@ -1,0 +1,472 @@
+"""The `vdsmconn` client: JSON-RPC 2.0 over the daemon's unix socket (SPEC 11).
+
+Exit status: 0 success; 1 the daemon returned an error (or a test/wait did not succeed);
+2 usage error; 3 the daemon cannot be reached or the connection to it failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO
+
+DEFAULT_SOCKET = "/run/vdsmconn/vdsmconn.sock"
+SOCKET_ENV = "VDSMCONN_SOCKET"
+DEFAULT_TIMEOUT = 60.0
+DEFAULT_WAIT = 30.0
+ERROR_WIDTH = 60
+STATE_EVENT = "storageServerStateChanged"
+
+
+class UsageError(Exception):
+    """Bad command line input found after argparse (exit 2)."""
+
+
+class TransportError(Exception):
+    """The daemon cannot be reached, or the connection to it failed (exit 3)."""
+
+
+class RpcError(Exception):
+    """The daemon answered with a JSON-RPC error object (exit 1)."""
+
+    def __init__(self, code: int, message: str, data: Any = None) -> None:
+        super().__init__(f"error {code}: {message}")
+        self.code = code
+        self.message = message
+        self.data = data
+
+
+class Client:
+    """A blocking JSON-RPC client for one newline-delimited unix stream connection."""
+
+    def __init__(self, path: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._file: BinaryIO | None = None
+        self._next_id = 1
+        self._pending: collections.deque[dict[str, Any]] = collections.deque()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except OSError as e:
+            sock.close()
+            reason = e.strerror or str(e)
+            raise TransportError(f"cannot connect to daemon at {self.path}: {reason}") from None
+        self._sock, self._file = sock, sock.makefile("rb")
+
+    def close(self) -> None:
+        if self._sock is not None and self._file is not None:
+            self._file.close()
+            self._sock.close()
+            self._sock = self._file = None
+
+    def call(
+        self, method: str, params: dict[str, Any] | None = None, wait: float = 0.0,
+        expect: type = dict,
+    ) -> Any:
+        """Return the result (of type `expect`); the reply may take `wait` s longer."""
+        if self._sock is None:
+            self.connect()
+        assert self._sock is not None
+        request_id, self._next_id = self._next_id, self._next_id + 1
+        request: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id, "method": method}
+        if params is not None:
+            request["params"] = params
+        self._sock.settimeout(self.timeout + wait)
+        try:
+            self._sock.sendall(json.dumps(request, ensure_ascii=False).encode() + b"\n")
+        except OSError as e:
+            raise TransportError(f"cannot send to daemon: {e.strerror or e}") from None
+        while (msg := self._receive()) is not None:
+            if "id" not in msg:
+                self._pending.append(msg)
+            elif msg["id"] == request_id or (msg["id"] is None and "error" in msg):
+                error = msg.get("error")
+                if not isinstance(error, dict):
+                    return self._result(method, msg.get("result"), expect)
+                code = error.get("code")
+                message = str(error.get("message", "unknown error"))
+                raise RpcError(code if isinstance(code, int) else 0, message, error.get("data"))
+        raise TransportError("the daemon closed the connection without replying")
+
+    @staticmethod
+    def _result(method: str, result: Any, expect: type) -> Any:
+        if not isinstance(result, expect):
+            raise TransportError(f"unexpected result from daemon for {method}: {result!r:.80}")
+        return result
+
+    def notifications(self) -> Iterator[dict[str, Any]]:
+        """Yield notifications ({method, params}) until the daemon closes the connection."""
+        while self._pending:
+            yield self._pending.popleft()
+        if self._sock is None:
+            return
+        self._sock.settimeout(None)
+        while (msg := self._receive()) is not None:
+            if "id" not in msg:
+                yield msg
+
+    def _receive(self) -> dict[str, Any] | None:
+        """Return the next JSON object from the connection, None at end of stream."""
+        assert self._sock is not None and self._file is not None
+        try:
+            line = self._file.readline()
+            while line and not line.strip():
+                line = self._file.readline()
+        except TimeoutError:
+            timeout = self._sock.gettimeout()
+            raise TransportError(f"no reply from daemon within {timeout:g} s") from None
+        except OSError as e:
+            raise TransportError(f"connection to daemon failed: {e.strerror or e}") from None
+        if not line:
+            return None
+        try:
+            msg = json.loads(line.decode())
+        except (UnicodeDecodeError, ValueError):
+            msg = None
+        if not isinstance(msg, dict):
+            raise TransportError("malformed message from daemon")
+        return msg
+
+
+# Formatting: pure functions from results to text.
+
+
+def _text(value: Any) -> str:
+    if value is None or isinstance(value, str):
+        return value or "-"
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _shorten(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def format_error(error: Any) -> str:
+    if not isinstance(error, dict):
+        return "" if error is None else _text(error)
+    return f"{error.get('code', '?')} {error.get('message', '')}".strip()
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    table = [headers, *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
+    lines = ("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in table)
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def format_list(result: dict[str, Any]) -> str:
+    rows = []
+    for cid in sorted(result):
+        status = result[cid] if isinstance(result[cid], dict) else {}
+        conn = status.get("connection")
+        rows.append([
+            cid,
+            _text(conn.get("type") if isinstance(conn, dict) else None),
+            _text(status.get("state")),
+            _text(status.get("refs")),
+            _text(status.get("path")),
+            _shorten(format_error(status.get("lastError")), ERROR_WIDTH),
+        ])
+    return format_table(["CID", "TYPE", "STATE", "REFS", "PATH", "ERROR"], rows)
+
+
+def format_test(result: dict[str, Any]) -> str:
+    rows = []
+    for step in result.get("steps") or []:
+        step = step if isinstance(step, dict) else {}
+        seconds = step.get("seconds")
+        rows.append([
+            _text(step.get("step")),
+            "ok" if step.get("ok") else "FAILED",
+            f"{seconds:.3f}" if isinstance(seconds, int | float) else "-",
+            _text(step.get("detail")) if step.get("detail") is not None else "",
+        ])
+    table = format_table(["STEP", "RESULT", "SECONDS", "DETAIL"], rows)
+    return f"{table}\n{'ok' if result.get('ok') else 'FAILED'}"
+
+
+def format_targets(result: list[dict[str, Any]]) -> str:
+    targets = [t for t in result if isinstance(t, dict)]
+    rows = [[_text(t.get("portal")), _text(t.get("tpgt")), _text(t.get("iqn"))] for t in targets]
+    return format_table(["PORTAL", "TPGT", "IQN"], rows)
+
+
+def format_mapping(value: dict[str, Any], indent: int = 0) -> str:
+    lines = []
+    pad = "  " * indent
+    for name, item in value.items():
+        if isinstance(item, dict) and item:
+            lines.append(f"{pad}{name}:")
+            lines.append(format_mapping(item, indent + 1))
+        elif isinstance(item, list) and any(isinstance(i, dict | list) for i in item):
+            lines.append(f"{pad}{name}:")
+            lines.extend(f"{pad}  - {_text(i)}" for i in item)
+        elif isinstance(item, list):
+            lines.append(f"{pad}{name}: {', '.join(_text(i) for i in item)}")
+        else:
+            lines.append(f"{pad}{name}: {_text(item)}")
+    return "\n".join(lines)
+
+
+def format_unmanaged(result: dict[str, Any]) -> str:
+    cids = result.get("connectionIDs") or []
+    return "\n".join(f"unmanaged {cid}" for cid in cids) or "no connection ID matched"
+
+
+def format_time(t: Any) -> str:
+    if not isinstance(t, int | float):
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) + f".{int(t * 1000) % 1000:03d}"
+
+
+def format_event(params: dict[str, Any]) -> str:
+    cids = params.get("connectionIDs") or []
+    line = (
+        f"{format_time(params.get('time'))}  {','.join(map(str, cids)) or '-'}  "
+        f"{_text(params.get('oldState'))} -> {_text(params.get('newState'))}  "
+        f"key={_text(params.get('key'))}"
+    )
+    error = params.get("lastError")
+    return f"{line}  error={format_error(error)}" if error else line
+
+
+# Verbs.
+
+
+def _output(args: argparse.Namespace, result: Any, formatter: Callable[[Any], str]) -> None:
+    print(json.dumps(result, indent=2, ensure_ascii=False) if args.json else formatter(result))
+
+
+def _read_password() -> str:
+    password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise UsageError("no password on standard input")
+    return password
+
+
+def parse_connection(text: str, password_stdin: bool = False) -> Any:
+    """A URI passes through unchanged; a JSON object text or @FILE is parsed."""
+    if text.startswith("@"):
+        try:
+            with open(text[1:], encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise UsageError(f"cannot read {text[1:]}: {e.strerror or e}") from None
+    elif text.lstrip()[:1] not in ("{", "["):
+        if password_stdin:
+            raise UsageError("--password-stdin needs a JSON object connection, not a URI")
+        return text
+    try:
+        connection = json.loads(text)
+    except ValueError as e:
+        raise UsageError(f"connection is not valid JSON: {e}") from None
+    if not isinstance(connection, dict):
+        raise UsageError("connection must be a JSON object or a URI")
+    if password_stdin:
+        connection["password"] = _read_password()
+    return connection
+
+
+def _cmd_manage(args: argparse.Namespace, client: Client) -> int:
+    connection = parse_connection(args.connection, args.password_stdin)
+    method = "updateStorageServer" if args.verb == "update" else "manageStorageServer"
+    result = client.call(method, {"connectionID": args.cid, "connection": connection})
+    _output(args, result, lambda r: f"{_text(r.get('connectionID'))}  key={_text(r.get('key'))}")
+    return 0
+
+
+def _cmd_unmanage(args: argparse.Namespace, client: Client) -> int:
+    if args.prefix == "":
+        raise UsageError("an empty --prefix would unmanage every connection ID")
+    params = {"prefix": args.prefix} if args.prefix is not None else {"connectionID": args.cid}
+    result = client.call("unmanageStorageServer", params)
+    _output(args, result, format_unmanaged)
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace, client: Client) -> int:
+    params: dict[str, Any] = {"includeUnmanaged": not args.no_unmanaged}
+    if args.cids:
+        params["connectionIDs"] = args.cids
+    if args.prefix is not None:
+        params["prefix"] = args.prefix
+    result = client.call("getStorageServerList", params)
+    _output(args, result, format_list)
+    return 0
+
+
+def _cmd_wait(args: argparse.Namespace, client: Client) -> int:
+    params = {"connectionIDs": args.cids, "timeout": args.wait_timeout, "until": args.until}
+    try:
+        result = client.call("waitStorageServer", params, wait=args.wait_timeout)
+    except RpcError as e:
+        if e.code != 480 or not isinstance(e.data, dict):
+            raise
+        _output(args, e.data, format_list)
+        raise
+    _output(args, result, format_list)
+    if args.until == "connected":
+        connected = {c for c, s in result.items() if isinstance(s, dict) and s.get("connected")}
+        if down := sorted(set(result) - connected):
+            print(f"vdsmconn: not connected: {', '.join(down)}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _cmd_test(args: argparse.Namespace, client: Client) -> int:
+    params: dict[str, Any] = {
+        "connection": parse_connection(args.connection, args.password_stdin)
+    }
+    if args.test_timeout is not None:
+        params["timeout"] = args.test_timeout
+    result = client.call("testStorageServer", params, wait=args.test_timeout or 0.0)
+    _output(args, result, format_test)
+    return 0 if result.get("ok") else 1
+
+
+def _cmd_discover(args: argparse.Namespace, client: Client) -> int:
+    params: dict[str, Any] = {"host": args.host, "port": args.port}
+    if args.user is not None:
+        params["user"] = args.user
+    if args.password_stdin:
+        params["password"] = _read_password()
+    result = client.call("discoverSendTargets", params, expect=list)
+    _output(args, result, format_targets)
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace, client: Client) -> int:
+    method = "getConnectorInfo" if args.verb == "connector-info" else "getHostInfo"
+    result = client.call(method)
+    _output(args, result, format_mapping)
+    return 0
+
+
+def _cmd_watch(args: argparse.Namespace, client: Client) -> int:
+    try:
+        client.call("subscribe", {"events": [STATE_EVENT]}, expect=object)
+        for msg in client.notifications():
+            params = msg.get("params")
+            if msg.get("method") != STATE_EVENT or not isinstance(params, dict):
+                continue
+            line = json.dumps(params, ensure_ascii=False) if args.json else format_event(params)
+            print(line, flush=True)
+    except KeyboardInterrupt:
+        return 0
+    print("vdsmconn: the daemon closed the connection", file=sys.stderr)
+    return 3
+
+
+Handler = Callable[[argparse.Namespace, Client], int]
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text}")
+    return value
+
+
+def _add_password_stdin(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--password-stdin", action="store_true",
+                   help="read a password from standard input (first line)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vdsmconn", description="vdsmconn daemon client")
+    parser.add_argument("--socket", default=os.environ.get(SOCKET_ENV, DEFAULT_SOCKET),
+                        help=f"daemon socket (${SOCKET_ENV}, default {DEFAULT_SOCKET})")
+    parser.add_argument("--json", action="store_true", help="print raw results as JSON")
+    parser.add_argument("--timeout", dest="rpc_timeout", type=_seconds, default=DEFAULT_TIMEOUT,
+                        metavar="S", help=f"reply timeout (default {DEFAULT_TIMEOUT:g} s)")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    def verb(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
+        p = verbs.add_parser(name, help=help, description=help)
+        p.set_defaults(handler=handler)
+        return p
+
+    conn_help = "URI, JSON object, or @FILE holding a JSON object"
+    for name, text in (("manage", "manage a connection under a CID"),
+                       ("update", "change the connection of a managed CID")):
+        p = verb(name, _cmd_manage, text)
+        p.add_argument("cid", metavar="CID")
+        p.add_argument("connection", metavar="CONNECTION", help=conn_help)
+        _add_password_stdin(p)
+
+    p = verb("unmanage", _cmd_unmanage, "unmanage a CID, or every CID with a prefix")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("cid", metavar="CID", nargs="?")
+    group.add_argument("--prefix", metavar="P")
+
+    p = verb("list", _cmd_list, "show the status of connections")
+    p.add_argument("cids", metavar="CID", nargs="*")
+    p.add_argument("--prefix", metavar="P")
+    p.add_argument("--no-unmanaged", action="store_true", help="hide unmanaged connections")
+
+    p = verb("wait", _cmd_wait, "wait until CIDs are connected (or one fails)")
+    p.add_argument("cids", metavar="CID", nargs="+")
+    p.add_argument("--timeout", dest="wait_timeout", type=_seconds, default=DEFAULT_WAIT,
+                   metavar="S", help=f"seconds to wait (default {DEFAULT_WAIT:g})")
+    p.add_argument("--until", choices=["connected", "error"], default="connected")
+
+    p = verb("test", _cmd_test, "test connectivity without managing anything")
+    p.add_argument("connection", metavar="CONNECTION", help=conn_help)
+    p.add_argument("--timeout", dest="test_timeout", type=_seconds, metavar="S")
+    _add_password_stdin(p)
+
+    p = verb("discover", _cmd_discover, "iSCSI sendtargets discovery")
+    p.add_argument("host", metavar="HOST")
+    p.add_argument("--port", type=int, default=3260)
+    p.add_argument("--user", metavar="U")
+    _add_password_stdin(p)
+
+    verb("connector-info", _cmd_info, "show os-brick connector properties")
+    verb("info", _cmd_info, "show daemon and host information")
+    verb("watch", _cmd_watch, "print connection state changes as they happen")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return 0 if e.code is None else e.code if isinstance(e.code, int) else 2
+    handler: Handler = args.handler
+    try:
+        with Client(args.socket, args.rpc_timeout) as client:
+            return handler(args, client)
+    except RpcError as e:
+        print(f"vdsmconn: error {e.code}: {e.message}", file=sys.stderr)
+        return 1
+    except UsageError as e:
+        print(f"vdsmconn: {e}", file=sys.stderr)
+        return 2
+    except TransportError as e:
+        print(f"vdsmconn: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
