@@ -81,3 +81,8 @@ def test_dump_round_trips(tmp_path: Path) -> None:
     f = tmp_path / "dump.yaml"
     f.write_text(config.dump(c))
     assert config.load(str(f)) == c
+
+
+def test_example_config_file_lists_the_defaults() -> None:
+    example = Path(__file__).parents[2] / "etc" / "vdsmconn.yaml"
+    assert config.load(str(example)) == config.Config()
