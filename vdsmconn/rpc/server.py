@@ -1,0 +1,334 @@
+"""Transports for the JSON-RPC dispatcher: newline-delimited UTF-8 JSON over a Unix socket.
+
+`Connection` is the per-client logic (framing, limits, concurrent requests, one bounded
+outgoing queue) and knows nothing about the listener, so a TCP+TLS listener can hand its
+streams to it too. `UnixServer` owns the socket file, checks peers and caps the clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import grp
+import logging
+import os
+import socket
+import stat
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from vdsmconn import errors
+from vdsmconn.rpc import jsonrpc
+
+log = logging.getLogger(__name__)
+
+_UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-listener limits, shared by every transport."""
+
+    max_message: int = 1 << 20  # bytes in one line, newline excluded
+    idle_timeout: float = 300.0  # seconds without input (and no request running) -> dropped
+    max_clients: int = 64
+    max_queue: int = 256  # outgoing messages waiting for a slow reader -> dropped beyond
+    max_pending: int = 64  # requests running per client; reading pauses beyond
+    close_timeout: float = 5.0  # seconds to flush the last replies when closing
+
+
+class Connection:
+    """One client. Requests run concurrently; replies and notifications are written one at a
+    time from a bounded queue, so a client that does not read is dropped, never waited for.
+    Implements `jsonrpc.Session`."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        dispatcher: jsonrpc.Dispatcher,
+        limits: Limits,
+        peer: str,
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._dispatcher = dispatcher
+        self._limits = limits
+        self._peer = peer
+        # Unbounded so the end marker always fits; _send enforces limits.max_queue.
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._pending: set[asyncio.Task[None]] = set()
+        self._stop = asyncio.Event()
+        self._flush = False
+        self._reason = "closed"
+        self._tg: asyncio.TaskGroup | None = None
+
+    @property
+    def peer(self) -> str:
+        return self._peer
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection is closing; notifications are then discarded."""
+        return self._stop.is_set()
+
+    def notify(self, method: str, params: dict[str, Any]) -> None:
+        self._send(jsonrpc.encode_notification(method, params))
+
+    async def serve(self) -> None:
+        """Serve until end of input, a limit or a write error; cancel to drop the client."""
+        log.info("CONNECT peer=%s", self._peer)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                reading = tg.create_task(self._read_loop())
+                writing = tg.create_task(self._write_loop())
+                await self._stop.wait()
+                reading.cancel()
+                for task in self._pending:
+                    task.cancel()
+                if self._flush:
+                    self._queue.put_nowait(None)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self._limits.close_timeout):
+                            await writing
+                writing.cancel()
+        finally:
+            self._close("server closing", flush=False)
+            self._writer.transport.abort()
+            log.info("DISCONNECT peer=%s reason=%s", self._peer, self._reason)
+
+    def _close(self, reason: str, *, flush: bool) -> None:
+        """Stop reading and running requests; with flush, write what is queued first."""
+        if self._stop.is_set():
+            return
+        self._reason = reason
+        self._flush = flush
+        self._stop.set()
+
+    def _send(self, data: bytes) -> None:
+        if self._stop.is_set():
+            return
+        if self._queue.qsize() >= self._limits.max_queue:
+            log.warning(
+                "DROP peer=%s reason=outgoing queue overflow (%d messages not read)",
+                self._peer, self._queue.qsize(),
+            )
+            self._close("outgoing queue overflow", flush=False)
+            return
+        self._queue.put_nowait(data)
+
+    async def _read_loop(self) -> None:
+        assert self._tg is not None
+        while True:
+            if len(self._pending) >= self._limits.max_pending:
+                await asyncio.wait(self._pending, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            try:
+                line = await self._readline()
+            except ValueError:  # readline's form of LimitOverrunError; the buffer is dropped
+                log.warning(
+                    "DROP peer=%s reason=message over %d bytes",
+                    self._peer, self._limits.max_message,
+                )
+                self._send(jsonrpc.encode_error(errors.InvalidRequest(
+                    f"Request too large (limit {self._limits.max_message} bytes)"
+                )))
+                self._close("message too large", flush=True)
+                return
+            except OSError as exc:
+                self._close(f"read failed: {exc}", flush=False)
+                return
+            if line is None:
+                log.info("DROP peer=%s reason=idle for %ss", self._peer,
+                         self._limits.idle_timeout)
+                self._close("idle", flush=True)
+                return
+            if not line:  # end of input: finish what was asked, then close
+                if self._pending:
+                    await asyncio.wait(self._pending)
+                self._close("end of input", flush=True)
+                return
+            if line.strip():
+                task = self._tg.create_task(self._request(line))
+                self._pending.add(task)
+                task.add_done_callback(self._pending.discard)
+
+    async def _readline(self) -> bytes | None:
+        """The next line (b"" at end of input), or None after idle_timeout without input
+        while no request of this client is running."""
+        while True:
+            try:
+                async with asyncio.timeout(self._limits.idle_timeout):
+                    return await self._reader.readline()
+            except TimeoutError:
+                if not self._pending:
+                    return None
+
+    async def _request(self, line: bytes) -> None:
+        reply = await self._dispatcher.handle(line, self)
+        if reply is not None:
+            self._send(reply)
+
+    async def _write_loop(self) -> None:
+        try:
+            while (data := await self._queue.get()) is not None:
+                self._writer.write(data + b"\n")
+                await self._writer.drain()
+            self._writer.close()
+            await self._writer.wait_closed()
+        except OSError as exc:
+            self._close(f"write failed: {exc}", flush=False)
+
+
+def refuse(writer: asyncio.StreamWriter, peer: str, error: errors.Error) -> None:
+    """Send one error line to a client that is not served, and close its connection."""
+    log.warning("REFUSE peer=%s reason=%s", peer, error.message)
+    writer.write(jsonrpc.encode_error(error) + b"\n")
+    writer.close()
+
+
+class UnixServer:
+    """The local listener: a Unix stream socket with mode `mode` and group `group`. Peers
+    are root, the daemon's own user, or members of the group (the daemon's group if None)."""
+
+    def __init__(
+        self,
+        dispatcher: jsonrpc.Dispatcher,
+        path: str,
+        *,
+        group: str | None = None,
+        mode: int = 0o660,
+        limits: Limits | None = None,
+    ) -> None:
+        self._dispatcher = dispatcher
+        self._path = path
+        self._group = group
+        self._mode = mode
+        self._limits = limits or Limits()
+        self._gid = os.getegid()
+        self._server: asyncio.Server | None = None
+        self._inode: int | None = None
+        self._clients: set[asyncio.Task[None]] = set()
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def clients(self) -> int:
+        """Number of clients being served now."""
+        return len(self._clients)
+
+    async def start(self) -> None:
+        if self._group is not None:
+            try:
+                self._gid = grp.getgrnam(self._group).gr_gid
+            except KeyError:
+                raise ValueError(f"rpc socket group {self._group!r} does not exist") from None
+        _remove_stale_socket(self._path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            # Nobody can connect before listen(), so mode and group are set before that.
+            sock.bind(self._path)
+            os.chmod(self._path, self._mode)
+            if self._group is not None:
+                os.chown(self._path, -1, self._gid)
+            self._inode = os.stat(self._path).st_ino
+            self._server = await asyncio.start_unix_server(
+                self._accept, sock=sock, limit=self._limits.max_message
+            )
+        except BaseException:
+            sock.close()
+            raise
+        log.info("LISTEN path=%s mode=%o gid=%d", self._path, self._mode, self._gid)
+
+    async def close(self) -> None:
+        """Stop listening, drop every client and wait for their tasks; remove the socket."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        server.close()
+        for task in self._clients:
+            task.cancel()
+        await asyncio.gather(*self._clients, return_exceptions=True)
+        await server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(self._path).st_ino == self._inode:
+                os.unlink(self._path)
+        log.info("CLOSED path=%s", self._path)
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        pid, uid, gid = _peer_credentials(writer)
+        peer = f"pid={pid} uid={uid}"
+        if self._server is None:
+            refuse(writer, peer, errors.GeneralError("Server is shutting down"))
+            return
+        reason = self._check_peer(pid, uid, gid)
+        if reason is not None:
+            refuse(writer, peer, errors.GeneralError(f"Permission denied: {reason}"))
+            return
+        if len(self._clients) >= self._limits.max_clients:
+            refuse(writer, peer, errors.GeneralError(
+                f"Too many clients (limit {self._limits.max_clients})"
+            ))
+            return
+        connection = Connection(reader, writer, self._dispatcher, self._limits, peer)
+        task = asyncio.create_task(self._serve(connection), name=f"rpc-client {peer}")
+        self._clients.add(task)
+        task.add_done_callback(self._clients.discard)
+
+    async def _serve(self, connection: Connection) -> None:
+        try:
+            await connection.serve()
+        except Exception:
+            log.exception("connection failed peer=%s", connection.peer)
+
+    def _check_peer(self, pid: int, uid: int, gid: int) -> str | None:
+        """None if the peer may use the daemon, else why not."""
+        if uid in (0, os.geteuid()) or gid == self._gid:
+            return None
+        try:
+            groups = _supplementary_groups(pid)
+        except (OSError, ValueError) as exc:
+            return f"cannot read the groups of pid {pid}: {exc}"
+        if self._gid in groups:
+            return None
+        return f"uid {uid} is not in group {self._group or self._gid}"
+
+
+def _peer_credentials(writer: asyncio.StreamWriter) -> tuple[int, int, int]:
+    sock = writer.get_extra_info("socket")
+    pid, uid, gid = _UCRED.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    )
+    return int(pid), int(uid), int(gid)
+
+
+def _supplementary_groups(pid: int) -> frozenset[int]:
+    """The Groups: of /proc/<pid>/status (the peer's groups; read at connect time)."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("Groups:"):
+                return frozenset(int(gid) for gid in line.split()[1:])
+    raise ValueError("no Groups: line")
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket file left by a daemon that is gone; refuse to steal a live one."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(f"{path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.setblocking(False)  # a live listener with a full backlog: BlockingIOError
+        live = probe.connect_ex(path) in (0, errno.EAGAIN)
+    if live:
+        raise FileExistsError(f"{path} is in use by another process")
+    log.info("REMOVE stale socket path=%s", path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
