@@ -12,7 +12,7 @@ done
 if [ -n "$missing" ]; then
     [ "$(id -u)" = 0 ] || { echo "run as root (apt packages needed:$missing)" >&2; exit 1; }
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ]; then

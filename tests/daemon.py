@@ -139,6 +139,17 @@ class Daemon:
         self._until(f"{cid} not tried {attempts} times", check, timeout)
         return status
 
+    def wait_error(self, cid: str, code: int, timeout: float = 30.0) -> dict[str, Any]:
+        """Until the status of `cid` shows an error with `code`; returns that status."""
+        status: dict[str, Any] = {}
+
+        def check() -> bool:
+            nonlocal status
+            status = self.call("getStorageServerList", connectionIDs=[cid])[cid]
+            return bool(status["lastError"]) and status["lastError"]["code"] == code
+        self._until(f"{cid} has no error {code}", check, timeout)
+        return status
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         assert self.proc is not None
         proc, self.proc = self.proc, None

@@ -191,6 +191,7 @@ class Service:
     async def unmanaged(self) -> list[dict[str, Any]]:
         known = self.managed_paths()
         root = self.config.mount_root
+        await self.reconciler.refresh_mounts()
         found: list[dict[str, Any]] = mount.foreign_mounts(self.reconciler.mounts, root, known)
         found += await asyncio.to_thread(localfs.foreign_links, root, known)
         now = self.clock.time()

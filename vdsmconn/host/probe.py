@@ -9,6 +9,7 @@ and can still learn when the thread finally returns (`Probe.done`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -26,11 +27,13 @@ class Probe(Generic[T]):
 
         def target() -> None:
             try:
-                result = fn()
+                result: T | None = fn()
+                exc: BaseException | None = None
             except BaseException as e:  # delivered to the awaiting task, not lost
-                loop.call_soon_threadsafe(self._settle, None, e)
-            else:
-                loop.call_soon_threadsafe(self._settle, result, None)
+                result, exc = None, e
+            # A probe that returns after the loop has closed has nobody left to tell.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._settle, result, exc)
 
         self._thread = threading.Thread(target=target, name=f"probe {name}", daemon=True)
         self._thread.start()

@@ -66,9 +66,13 @@ class Reconciler:
                 log.info("VANISHED key=%s", key)
                 sup.kick(suspect=True)
 
-    async def refresh_mounts(self) -> bool:
-        """Read the mount table now (the watcher's copy may trail our own mounts)."""
-        self.mounts = await read_mounts()
+    async def refresh_mounts(self, notify: bool = True) -> bool:
+        """Read the mount table now (the watcher's copy may trail the host)."""
+        mounts = await read_mounts()
+        if notify:
+            self.on_mounts(mounts)
+        else:
+            self.mounts = mounts
         return True
 
     def forget(self, sup: Supervisor) -> None:

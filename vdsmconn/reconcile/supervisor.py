@@ -150,7 +150,7 @@ class Supervisor:
     async def _check(self, spec: ConnectionSpec) -> None:
         connector = self._connector(spec)
         try:
-            if connector.present(spec) is None and await self.rec.refresh_mounts() and \
+            if connector.present(spec) is None and await self.rec.refresh_mounts(notify=False) and \
                     connector.present(spec) is None:
                 raise errors.MountError(f"{self.key} disappeared from the host")
             await connector.probe(spec)

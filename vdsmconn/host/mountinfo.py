@@ -1,0 +1,114 @@
+"""The kernel's mount table, `/proc/self/mountinfo`, parsed by a pure function.
+
+Line format (proc(5)):
+
+    36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue
+    id pa maj:mn root mountpoint options [optional fields...] - fstype source super-options
+
+The kernel escapes space, tab, newline and backslash in paths as `\\ooo` octal; a mount point
+whose directory was removed ends in ` (deleted)`. Reading the file never blocks, even when a
+mounted filesystem hangs.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from vdsmconn.model import normalize_path, normalize_remote
+
+log = logging.getLogger(__name__)
+
+PATH = "/proc/self/mountinfo"
+
+_OCTAL = re.compile(r"\\([0-7]{3})")
+_DELETED = "\\040(deleted)"
+
+
+@dataclass(frozen=True)
+class Mount:
+    mount_id: int
+    parent_id: int
+    major_minor: str
+    root: str
+    mountpoint: str
+    options: tuple[str, ...]
+    fstype: str
+    source: str
+    super_options: tuple[str, ...]
+    deleted: bool = False
+
+
+def unescape(field: str) -> str:
+    """Decode the kernel's `\\ooo` escapes (`\\040` space, `\\134` backslash...)."""
+    if "\\" not in field:
+        return field
+    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
+
+
+def parse_line(line: str) -> Mount | None:
+    """One mountinfo line as a `Mount`, or None if the line is not well formed."""
+    fields = line.split(" ")
+    try:
+        sep = fields.index("-", 6)
+    except ValueError:
+        return None
+    after = fields[sep + 1 :]
+    if len(after) != 3 or not after[0]:
+        return None
+    try:
+        mount_id, parent_id = int(fields[0]), int(fields[1])
+    except ValueError:
+        return None
+    major_minor, root, mountpoint = fields[2], fields[3], fields[4]
+    if ":" not in major_minor or not root or not mountpoint:
+        return None
+    deleted = mountpoint.endswith(_DELETED)
+    if deleted:
+        mountpoint = mountpoint[: -len(_DELETED)]
+    return Mount(
+        mount_id=mount_id,
+        parent_id=parent_id,
+        major_minor=major_minor,
+        root=unescape(root),
+        mountpoint=unescape(mountpoint),
+        options=tuple(fields[5].split(",")),
+        fstype=after[0],
+        source=unescape(after[1]),
+        super_options=tuple(after[2].split(",")),
+        deleted=deleted,
+    )
+
+
+def parse(text: str) -> list[Mount]:
+    """Every well-formed line of a mountinfo text, in order; malformed lines are skipped."""
+    mounts = []
+    # Only "\n" ends a line: the kernel escapes it in paths, but not "\f", "\x85"...
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line:
+            continue
+        mount = parse_line(line)
+        if mount is None:
+            log.debug("mountinfo line %d malformed, skipped: %r", number, line)
+            continue
+        mounts.append(mount)
+    return mounts
+
+
+def read(path: str = PATH) -> list[Mount]:
+    """The current mount table of this process's mount namespace."""
+    with open(path, "rb") as f:
+        return parse(f.read().decode("utf-8", errors="surrogateescape"))
+
+
+def normalized_source(m: Mount) -> str:
+    """The source in the form specs use: `server://a/` and `server:/a` are both `server:/a`."""
+    return normalize_remote(m.source)
+
+
+def under(mounts: Iterable[Mount], root: str) -> list[Mount]:
+    """The mounts whose mount point is strictly below `root` (whole path components)."""
+    prefix = normalize_path(root).rstrip("/") + "/"
+    return [m for m in mounts if m.mountpoint.startswith(prefix) and m.mountpoint != prefix]
