@@ -9,8 +9,10 @@ read once.
     watcher = MountinfoWatcher()
     task = asyncio.create_task(watcher.run(on_change))   # owner cancels it to stop
 
-`run` calls `on_change(mounts)` once at start with the current table, then after every change
-with the new table; a wake that leaves the table as it was is not reported. An exception from
+`run` calls `on_change(mounts)` once at start with the current table, then after every wake
+with the table read then, even when it equals the last one: a mount and its umount between two
+reads leave the table as it was, and the owner of that mount must still hear of it. An
+exception from
 `on_change` ends `run` with that exception. Cancelling `run` removes the reader and closes
 both descriptors.
 """
@@ -49,17 +51,15 @@ class MountinfoWatcher:
             loop.add_reader(ep.fileno(), self._on_wake, ep, changed)
             log.debug("MOUNTINFO watching %s debounce=%gs", self.path, self.debounce)
             try:
-                last = self._read(table)
-                on_change(last)
+                on_change(self._read(table))
                 while True:
                     await changed.wait()
                     if self.debounce > 0:
                         await asyncio.sleep(self.debounce)
                     changed.clear()  # a change after this wakes us again
-                    mounts = self._read(table)
-                    if mounts != last:
-                        last = mounts
-                        on_change(mounts)
+                    # Reported even when it equals the last table: a mount and its umount
+                    # between two reads are a change its owner must hear of.
+                    on_change(self._read(table))
             finally:
                 loop.remove_reader(ep.fileno())
                 log.debug("MOUNTINFO stopped watching %s", self.path)
