@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from vdsmconn.connectors.base import Connector, HostContext
+from vdsmconn.connectors.gluster import GlusterConnector
 from vdsmconn.connectors.localfs import LocalConnector
-from vdsmconn.connectors.mount import GlusterConnector, NfsConnector, PosixConnector
+from vdsmconn.connectors.mount import PosixConnector
+from vdsmconn.connectors.nfs import NfsConnector
 from vdsmconn.connectors.unavailable import UnavailableConnector
 
 

@@ -187,16 +187,6 @@ class HelperMountConnector(MountConnector):
         return super().available()
 
 
-class NfsConnector(HelperMountConnector):
-    fstype = "nfs"
-    package = "nfs-common"
-
-
-class GlusterConnector(HelperMountConnector):
-    fstype = "glusterfs"
-    package = "glusterfs-client"
-
-
 def foreign_mounts(
     mounts: dict[str, mountinfo.Mount], mount_root: str, known: set[str]
 ) -> list[dict[str, Any]]:
