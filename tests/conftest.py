@@ -13,6 +13,8 @@ import pytest
 from tests.daemon import Daemon
 from vdsmconn.host import mountinfo
 
+pytest_plugins = ["tests.guest.plugin"]
+
 IS_ROOT = os.geteuid() == 0
 
 
