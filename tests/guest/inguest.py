@@ -31,11 +31,15 @@ def run_pytest(results: Path, srcdir: Path, request: dict[str, object]) -> int:
     timeout = float(request.get("timeout", 480))  # type: ignore[arg-type]
     env = dict(os.environ)
     env.update({str(k): str(v) for k, v in request.get("env", {}).items()})  # type: ignore[attr-defined]
+    # The project's virtualenv is inside the shared tree: its packages (built for CPython
+    # 3.11, as the guest's python3 is) give the guest the very dependencies the host tests
+    # use, pytest included. Without one, Debian's packages of the image serve.
+    paths = [str(srcdir), *(str(p) for p in srcdir.glob(".venv/lib/python3.11/site-packages"))]
     env.update(
         VDSMCONN_IN_GUEST="1",
         PYTHONDONTWRITEBYTECODE="1",
         PYTHONUNBUFFERED="1",
-        PYTHONPATH=str(srcdir),
+        PYTHONPATH=":".join(paths),
         TMPDIR="/var/tmp",
     )
     argv = [
