@@ -1,0 +1,61 @@
+"""README's tour with the real `vdsmconn` command against the real daemon."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.daemon import Daemon
+
+pytestmark = pytest.mark.root
+
+
+def cli(daemon: Daemon, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "vdsmconn.cli", "--socket", daemon.socket,
+                           *args], capture_output=True, text=True, timeout=60)
+    if ok:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_tour(daemon: Daemon, tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    cli(daemon, "manage", "FLOW1_local", f"localfs://{images}")
+    scratch = json.dumps({"type": "posixfs", "connection": "vc-scratch", "vfs_type": "tmpfs",
+                          "mnt_options": "size=8m"})
+    cli(daemon, "manage", "FLOW1_scratch", scratch)
+    cli(daemon, "manage", "FLOW2_scratch", scratch)
+    cli(daemon, "wait", "FLOW1_local", "FLOW1_scratch", "FLOW2_scratch", "--timeout", "20")
+    table = cli(daemon, "list").stdout.splitlines()
+    assert table[0].split() == ["CID", "TYPE", "STATE", "REFS", "PATH", "ERROR"]
+    rows = {line.split()[0]: line.split() for line in table[1:]}
+    assert rows["FLOW1_local"][1:4] == ["localfs", "connected", "1"]
+    assert rows["FLOW1_scratch"][1:4] == ["posixfs", "connected", "2"]
+    listing = json.loads(cli(daemon, "--json", "list").stdout)
+    assert listing["FLOW2_scratch"]["path"] == f"{daemon.mount_root}/vc-scratch"
+
+    cli(daemon, "unmanage", "--prefix", "FLOW1_")
+    assert json.loads(cli(daemon, "--json", "list").stdout).keys() == {"FLOW2_scratch"}
+    cli(daemon, "unmanage", "FLOW2_scratch")
+    daemon.wait_gone(f"{daemon.mount_root}/vc-scratch")
+
+    missing = cli(daemon, "unmanage", "FLOW2_scratch", ok=False)
+    assert missing.returncode == 1 and "479" in missing.stderr
+    info = json.loads(cli(daemon, "--json", "info").stdout)
+    assert info["backends"]["posixfs"]["available"] is True
+
+
+def test_unavailable_backend_is_reported_not_crashed(daemon: Daemon) -> None:
+    daemon.call("manageStorageServer", connectionID="i",
+                connection="iscsi://127.0.0.1/iqn.2003-01.org.example:t1")
+    status = daemon.wait_error("i", 451)
+    assert "not available on this host" in status["lastError"]["message"]
+    assert status["state"] == "failed"
+    assert daemon.call("getHostInfo")["backends"]["iscsi"]["available"] is False
+    daemon.call("unmanageStorageServer", connectionID="i")
+    assert daemon.call("getStorageServerList") == {}
