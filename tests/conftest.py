@@ -34,30 +34,35 @@ def _children() -> set[int]:
     return found
 
 
-def _mounts() -> set[tuple[int, str]]:
-    return {(m.mount_id, m.mountpoint) for m in mountinfo.read()}
+def _mounts(under: str) -> set[tuple[int, str]]:
+    return {(m.mount_id, m.mountpoint) for m in mountinfo.read()
+            if m.mountpoint.startswith(under)}
 
 
-def _loop_devices() -> set[str]:
+def _loop_devices(under: str) -> set[str]:
+    """Loop devices backed by files under `under`."""
     try:
-        out = subprocess.run(["losetup", "-a", "-n", "-O", "NAME"], capture_output=True,
-                             text=True, timeout=10, check=False).stdout
+        out = subprocess.run(["losetup", "-a", "-n", "-O", "NAME,BACK-FILE"],
+                             capture_output=True, text=True, timeout=10, check=False).stdout
     except OSError:
         return set()
-    return set(out.split())
+    return {line.split()[0] for line in out.splitlines()
+            if len(line.split()) > 1 and line.split(None, 1)[1].startswith(under)}
 
 
 @pytest.fixture(autouse=True)
-def no_host_leaks() -> Iterator[None]:
-    """Fail a test that leaves a child process, a mount or a loop device behind."""
-    children, mounts, loops = _children(), _mounts(), _loop_devices()
+def no_host_leaks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Fail a test that leaves a child process, a mount (in this run's temporary folders,
+    where every test mounts) or a loop device behind."""
+    base = str(tmp_path_factory.getbasetemp()) + "/"
+    children, mounts, loops = _children(), _mounts(base), _loop_devices(base)
     yield
     left = []
     if extra := _children() - children:
         left.append(f"child processes {sorted(extra)}")
-    if extra_mounts := _mounts() - mounts:
+    if extra_mounts := _mounts(base) - mounts:
         left.append(f"mounts {sorted(p for _, p in extra_mounts)}")
-    if extra_loops := _loop_devices() - loops:
+    if extra_loops := _loop_devices(base) - loops:
         left.append(f"loop devices {sorted(extra_loops)}")
     if left:
         pytest.fail("test left behind: " + "; ".join(left))

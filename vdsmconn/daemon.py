@@ -16,6 +16,7 @@ from vdsmconn.connectors.base import HostContext
 from vdsmconn.connectors.mount import read_mounts
 from vdsmconn.host.command import CommandRunner
 from vdsmconn.host.mountinfo import Mount
+from vdsmconn.model import ConnectionKey, ConnectionSpec
 from vdsmconn.monitors.mountinfo import MountinfoWatcher
 from vdsmconn.reconcile.reconciler import Reconciler
 from vdsmconn.rpc import jsonrpc, methods, params
@@ -23,7 +24,7 @@ from vdsmconn.rpc.server import Limits, UnixServer
 from vdsmconn.service import Service
 from vdsmconn.state.actual import ActualState
 from vdsmconn.state.desired import DesiredState
-from vdsmconn.state.store import Store
+from vdsmconn.state.store import DeleteTeardown, Store
 
 log = logging.getLogger("vdsmconn")
 
@@ -47,6 +48,25 @@ class Daemon:
             desired.apply_put(row.cid, spec)
         return desired
 
+    async def load_teardowns(
+        self, store: Store, desired: DesiredState,
+    ) -> dict[ConnectionKey, ConnectionSpec]:
+        """Keys left without a CID before the daemon could disconnect them."""
+        found: dict[ConnectionKey, ConnectionSpec] = {}
+        done = []
+        for text, connection in (await store.load_teardowns()).items():
+            try:
+                key, spec = ConnectionKey.parse(text), params.parse_connection(connection)
+            except (ValueError, errors.Error):
+                log.error("LOAD teardown key=%s unreadable, left alone", text)
+                continue
+            if desired.refs(key):
+                done.append(DeleteTeardown(text))  # managed again: nothing to tear down
+            else:
+                found[key] = spec
+        await store.commit(done)
+        return found
+
     async def run(self) -> None:
         cfg = self.config
         for path in (cfg.run_dir, cfg.mount_root):
@@ -67,7 +87,7 @@ class Daemon:
             service = Service(cfg, store, desired, actual, reconciler, table, self.clock)
             log.info("START version=%s cids=%d keys=%d mount_root=%s", __version__,
                      len(desired), len(desired.all_keys()), cfg.mount_root)
-            reconciler.start(mounts)
+            reconciler.start(mounts, await self.load_teardowns(store, desired))
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(watcher.run(lambda ms: reconciler.on_mounts(_by_path(ms))))
                 server = UnixServer(

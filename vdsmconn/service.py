@@ -22,8 +22,8 @@ from vdsmconn.connectors.base import Connector
 from vdsmconn.model import ConnectionKey, ConnectionSpec, LocalSpec, MountSpec, State
 from vdsmconn.reconcile.reconciler import Reconciler
 from vdsmconn.state.actual import ActualState, Change, KeyStatus
-from vdsmconn.state.desired import DesiredState
-from vdsmconn.state.store import Delete, Put, Store
+from vdsmconn.state.desired import DesiredState, Entry
+from vdsmconn.state.store import Delete, DeleteTeardown, Op, Put, PutTeardown, Store
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class Service:
         self._lock_users: dict[str, int] = {}
         self._changed = asyncio.Event()  # set and replaced on every desired or actual change
         actual.listen(self._on_change)
+        reconciler.on_torn_down = self.torn_down
 
     # --- locking -----------------------------------------------------------------------
 
@@ -94,8 +95,9 @@ class Service:
             old = self.desired.get(cid)
             if self.desired.check_update(cid, spec) and old is not None:
                 self.desired.apply_put(cid, spec)
+                ops: list[Op] = [Put(cid, str(spec.key), spec.to_store())]
                 try:
-                    await self.store.commit([Put(cid, str(spec.key), spec.to_store())])
+                    await self.store.commit(ops + self._teardowns([old]))
                 except BaseException:
                     self.desired.apply_put(cid, old.spec)
                     raise
@@ -115,7 +117,8 @@ class Service:
                 self.desired.apply_delete(entry.cid)
             try:
                 if entries:
-                    await self.store.commit([Delete(e.cid) for e in entries])
+                    ops: list[Op] = [Delete(e.cid) for e in entries]
+                    await self.store.commit(ops + self._teardowns(entries))
             except BaseException:
                 for entry in entries:
                     self.desired.apply_put(entry.cid, entry.spec)
@@ -127,6 +130,18 @@ class Service:
             if entries:
                 self._on_change()
         return {"connectionIDs": [e.cid for e in entries]}
+
+    def _teardowns(self, left: list[Entry]) -> list[Op]:
+        """Records of the keys these entries left that no CID refers to any more."""
+        seen: dict[ConnectionKey, ConnectionSpec] = {}
+        for entry in left:
+            if not self.desired.refs(entry.key):
+                seen[entry.key] = entry.spec
+        return [PutTeardown(str(key), spec.to_store()) for key, spec in seen.items()]
+
+    async def torn_down(self, key: ConnectionKey) -> None:
+        """The real connection of `key` is gone: its teardown record is done with."""
+        await self.store.commit([DeleteTeardown(str(key))])
 
     # --- statuses ------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import threading
 from pathlib import Path
@@ -231,3 +232,36 @@ def test_test_verb_mounts_read_only_and_manages_nothing(daemon: Daemon, loop_xfs
                                   "vfs_type": "xfs"})
     assert bad["ok"] is False and bad["steps"][0]["step"] == "source"
     assert "does not exist" in bad["steps"][0]["detail"]
+
+
+def test_teardown_interrupted_by_kill9_finishes_after_restart(daemon: Daemon,
+                                                             tmp_path: Path) -> None:
+    """The last CID goes, the daemon dies before its umount finishes: the next daemon
+    unmounts (the mount is not left behind as an unmanaged one)."""
+    flag = tmp_path / "umount-started"
+    slow = tmp_path / "slow-umount"
+    slow.write_text(f"#!/bin/sh\necho $$ > {flag}\nexec sleep 300\n")
+    slow.chmod(0o755)
+    daemon.call("manageStorageServer", connectionID="td", connection=tmpfs("vc-teardown"))
+    path = wait_connected(daemon, "td")["td"]["path"]
+    daemon.kill9()
+    daemon.settings["umount_command"] = str(slow)
+    daemon.start()
+    wait_connected(daemon, "td")
+    daemon.call("unmanageStorageServer", connectionID="td")
+    daemon._until("umount started", flag.exists, 20)
+    daemon.kill9()
+    daemon._until("umount pid written", lambda: flag.read_text().strip().isdigit(), 5)
+    os.kill(int(flag.read_text()), 9)  # the stand-in outlived the daemon (own session)
+    assert mounted(path) is not None
+    del daemon.settings["umount_command"]
+    daemon.start()
+    daemon.wait_gone(path)
+    assert daemon.call("getStorageServerList") == {}
+    daemon.stop()
+    db = sqlite3.connect(Path(daemon.settings["state_dir"]) / "vdsmconn.db")
+    try:
+        assert db.execute("SELECT count(*) FROM teardowns").fetchone() == (0,)
+    finally:
+        db.close()
+    daemon.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from vdsmconn import errors
@@ -12,7 +13,7 @@ from vdsmconn.config import Config
 from vdsmconn.connectors.base import Connector
 from vdsmconn.connectors.mount import read_mounts
 from vdsmconn.host.mountinfo import Mount
-from vdsmconn.model import ConnectionKey, State
+from vdsmconn.model import ConnectionKey, ConnectionSpec, State
 from vdsmconn.reconcile.supervisor import Supervisor
 from vdsmconn.state.actual import ActualState, ErrorInfo
 from vdsmconn.state.desired import DesiredState
@@ -39,12 +40,20 @@ class Reconciler:
         self._supervisors: dict[ConnectionKey, Supervisor] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
+        # Told when a key's real connection is gone (the service drops its teardown record).
+        self.on_torn_down: Callable[[ConnectionKey], Awaitable[None]] | None = None
 
-    def start(self, mounts: dict[str, Mount]) -> None:
-        """Supervise every desired key, adopting what the host already shows."""
+    def start(
+        self, mounts: dict[str, Mount], teardowns: dict[ConnectionKey, ConnectionSpec],
+    ) -> None:
+        """Supervise every desired key, adopting what the host already shows, and finish
+        the teardowns of keys whose last CID went before the daemon could disconnect them."""
         self.mounts = mounts
         for key in self.desired.all_keys():
             self._spawn(key, adopt=True)
+        for key, spec in teardowns.items():
+            if self.desired.refs(key) == 0:
+                self._spawn(key, adopt=False, spec=spec)
 
     def kick(self, key: ConnectionKey) -> None:
         """Desired state of `key` changed, or an event concerns it: look again soon."""
@@ -79,10 +88,11 @@ class Reconciler:
         if self._supervisors.get(sup.key) is sup:
             del self._supervisors[sup.key]
 
-    def _spawn(self, key: ConnectionKey, adopt: bool) -> None:
+    def _spawn(self, key: ConnectionKey, adopt: bool, spec: ConnectionSpec | None = None) -> None:
         if self._closing:
             return
         sup = Supervisor(key, self, adopt)
+        sup.spec = spec
         self._supervisors[key] = sup
         task = asyncio.get_running_loop().create_task(self._run(sup), name=f"supervise {key}")
         self._tasks.add(task)

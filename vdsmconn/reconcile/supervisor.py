@@ -185,6 +185,11 @@ class Supervisor:
             return False
         log.info("DISCONNECTED key=%s", self.key)
         self.spec = None
+        if self.rec.on_torn_down is not None and self.rec.desired.refs(self.key) == 0:
+            try:
+                await self.rec.on_torn_down(self.key)
+            except errors.Error as e:  # kept on disk: the next start disconnects again
+                log.warning("TEARDOWN key=%s record not cleared: %s", self.key, e.message)
         self.backoff.reset()
         self.rec.actual.remove(self.key, self.rec.clock.time())
         return True

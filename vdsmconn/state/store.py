@@ -37,6 +37,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " connection TEXT NOT NULL, created REAL, updated REAL)",
         "CREATE TABLE attachments (volume_id TEXT PRIMARY KEY, record TEXT NOT NULL, updated REAL)",
     ),
+    (
+        # Keys whose last CID is gone but whose real connection may still be up: a daemon
+        # killed before the disconnect finishes it after the restart, instead of leaving it
+        # behind as an unmanaged connection.
+        "CREATE TABLE teardowns (key TEXT PRIMARY KEY, connection TEXT NOT NULL, updated REAL)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -48,6 +54,11 @@ _PUT = (
 _PUT_ATTACHMENT = (
     "INSERT INTO attachments (volume_id, record, updated) VALUES (?, ?, ?)"
     " ON CONFLICT (volume_id) DO UPDATE SET record = excluded.record, updated = excluded.updated"
+)
+_PUT_TEARDOWN = (
+    "INSERT INTO teardowns (key, connection, updated) VALUES (?, ?, ?)"
+    " ON CONFLICT (key) DO UPDATE SET connection = excluded.connection,"
+    " updated = excluded.updated"
 )
 
 
@@ -81,7 +92,18 @@ class DeleteAttachment:
     volume_id: str
 
 
-Op: TypeAlias = Put | Delete | PutAttachment | DeleteAttachment
+@dataclass(frozen=True)
+class PutTeardown:
+    key: str
+    connection: dict[str, Any] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class DeleteTeardown:
+    key: str
+
+
+Op: TypeAlias = Put | Delete | PutAttachment | DeleteAttachment | PutTeardown | DeleteTeardown
 
 
 @dataclass
@@ -159,6 +181,11 @@ class Store:
 
     async def load_attachments(self) -> dict[str, dict[str, Any]]:
         records: dict[str, dict[str, Any]] = await self._call(_Read, _load_attachments)
+        return records
+
+    async def load_teardowns(self) -> dict[str, dict[str, Any]]:
+        """Key -> connection of every teardown not known to be finished."""
+        records: dict[str, dict[str, Any]] = await self._call(_Read, _load_teardowns)
         return records
 
     async def commit(self, ops: Sequence[Op]) -> None:
@@ -365,6 +392,10 @@ def _apply(conn: sqlite3.Connection, op: Op, now: float) -> None:
             conn.execute(_PUT_ATTACHMENT, (volume_id, _dumps(record), now))
         case DeleteAttachment(volume_id):
             conn.execute("DELETE FROM attachments WHERE volume_id = ?", (volume_id,))
+        case PutTeardown(key, connection):
+            conn.execute(_PUT_TEARDOWN, (key, _dumps(connection), now))
+        case DeleteTeardown(key):
+            conn.execute("DELETE FROM teardowns WHERE key = ?", (key,))
         case _:
             raise TypeError(f"not a store op: {type(op).__name__}")
 
@@ -381,6 +412,11 @@ def _load_rows(conn: sqlite3.Connection) -> list[Row]:
 def _load_attachments(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
     cursor = conn.execute("SELECT volume_id, record FROM attachments ORDER BY volume_id")
     return {volume_id: json.loads(record) for volume_id, record in cursor}
+
+
+def _load_teardowns(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
+    cursor = conn.execute("SELECT key, connection FROM teardowns ORDER BY key")
+    return {key: json.loads(connection) for key, connection in cursor}
 
 
 def _describe(exc: BaseException) -> str:
