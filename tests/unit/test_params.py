@@ -163,3 +163,38 @@ def test_nfs_mount_options(version: str, options: str | None, expected: str) -> 
     if options:
         conn["mnt_options"] = options
     assert ",".join(params.parse_connection(conn).options()) == expected  # type: ignore[attr-defined]
+
+
+INJECTIONS = ["-oremount", "srv:/a,rw", "srv:/a b", "srv:/a\nb", "srv:/a\x00b", "srv:/a/../b",
+              "srv:/a;reboot", "srv:/$(id)", "srv:/`id`", "srv:/a|b", "srv:/a&b", "srv:/a'b",
+              'srv:/a"b', "srv:/a>b", "srv:/a*"]
+
+
+@pytest.mark.parametrize("kind", ["nfs", "posixfs", "glusterfs"])
+@pytest.mark.parametrize("value", INJECTIONS)
+def test_injection_in_mount_source_is_refused(kind: str, value: str) -> None:
+    with pytest.raises(errors.InvalidParameter) as e:
+        params.parse_connection({"type": kind, "connection": value})
+    assert e.value.data == {"field": "connection.connection"}
+
+
+@pytest.mark.parametrize("options", ["ro,-oremount", "ro,a b", "x=$(id)", "ro;reboot",
+                                     "ro\nrw", "--bind", "a|b", "ro,`id`"])
+def test_injection_in_mount_options_is_refused(options: str) -> None:
+    with pytest.raises(errors.InvalidParameter) as e:
+        params.parse_connection({"type": "posixfs", "connection": "/dev/x",
+                                 "mnt_options": options})
+    assert e.value.data == {"field": "connection.mnt_options"}
+
+
+@pytest.mark.parametrize("source", ["UUID=0a1b-2c3d", "LABEL=data", "/dev/disk/by-id/x:y",
+                                    "host:/exp/with_under-score", "[fe80::1%eth0]:/x"])
+def test_legitimate_sources_pass(source: str) -> None:
+    assert params.parse_connection({"type": "posixfs", "connection": source})
+
+
+def test_legitimate_options_pass() -> None:
+    opts = "ro,noatime,backup-volfile-servers=h1:h2,context=system_u:object_r:nfs_t:s0,,x-y.z"
+    spec = params.parse_connection({"type": "posixfs", "connection": "/dev/x",
+                                    "mnt_options": opts})
+    assert isinstance(spec, PosixSpec) and "backup-volfile-servers=h1:h2" in spec.options()

@@ -29,7 +29,11 @@ from vdsmconn.model import (
 )
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_SPACE = re.compile(r"\s")
+# What a mount source may hold: host names, IPv6 in brackets, paths, LABEL=/UUID= forms.
+# Never white space, commas (they separate mount options) or shell metacharacters.
+_SOURCE = re.compile(r"^[A-Za-z0-9._:/@+=%~\[\]-]+$")
+# One mount option: name or name=value; values may list hosts with ':'.
+_OPTION = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.:/@+=%~-]*$")
 _IQN = re.compile(
     r"^(iqn\.\d{4}-\d{2}\.[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?(?::[^\s]+)?"
     r"|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16}(?:[0-9A-Fa-f]{16})?)$"
@@ -173,8 +177,9 @@ class _Fields:
         if value is None or value == "":
             return None
         text = get_text(value, self.field("mnt_options"))
-        if _SPACE.search(text):
-            raise bad_value(self.field("mnt_options"), "must not contain white space")
+        for item in text.split(","):
+            if item and not _OPTION.match(item):
+                raise bad_value(self.field("mnt_options"), f"not an acceptable option: {item!r}")
         return text
 
     def word(self, name: str) -> str | None:
@@ -184,18 +189,26 @@ class _Fields:
         return value
 
 
+def _source(fields: _Fields) -> str:
+    """A mount source, normalized, with nothing that could act as an option or argument."""
+    name = fields.field("connection")
+    text = get_text(fields.required("connection"), name)
+    if not _SOURCE.match(text):
+        raise bad_value(name, f"contains characters not accepted in a mount source: {text!r}")
+    if ".." in text.split("/"):
+        raise bad_value(name, f"must not contain '..': {text!r}")
+    return normalize_remote(text)
+
+
 def _remote(fields: _Fields) -> str:
     """`server:/path`, IPv6 in brackets: normalized."""
     name = fields.field("connection")
-    text = get_text(fields.required("connection"), name)
-    normalized = normalize_remote(text)
+    text = normalized = _source(fields)
     host, sep, rest = normalized.rpartition(":")
     host = host if sep else ""
     if not host or not rest.startswith("/"):
         raise bad_value(name, f"expected server:/path, got {text!r}")
     _check_host(host.split(":")[0] if not host.startswith("[") else host, name)
-    if _SPACE.search(normalized):
-        raise bad_value(name, "must not contain white space")
     return normalized
 
 
@@ -229,9 +242,7 @@ def _nfs(f: _Fields) -> ConnectionSpec:
 
 
 def _posix(f: _Fields) -> ConnectionSpec:
-    name = f.field("connection")
-    text = normalize_remote(get_text(f.required("connection"), name))
-    return PosixSpec(connection=text, vfs_type=f.word("vfs_type"), mnt_options=f.options())
+    return PosixSpec(connection=_source(f), vfs_type=f.word("vfs_type"), mnt_options=f.options())
 
 
 def _gluster(f: _Fields) -> ConnectionSpec:
