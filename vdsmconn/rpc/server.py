@@ -237,8 +237,10 @@ class UnixServer:
             if self._group is not None:
                 os.chown(self._path, -1, self._gid)
             self._inode = os.stat(self._path).st_ino
+            # A deep backlog: a burst of clients waits to be accepted instead of being
+            # refused with EAGAIN (too many clients are refused by max_clients, with a reply).
             self._server = await asyncio.start_unix_server(
-                self._accept, sock=sock, limit=self._limits.max_message
+                self._accept, sock=sock, limit=self._limits.max_message, backlog=1024
             )
         except BaseException:
             sock.close()
