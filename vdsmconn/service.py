@@ -249,11 +249,9 @@ class Service:
     # --- checks and information ----------------------------------------------------------
 
     async def test(self, spec: ConnectionSpec, timeout: float) -> dict[str, Any]:
+        # The connector's own steps say what is missing: an NFS connectivity test needs no
+        # mount helper, a backend that cannot work here reports so as its first step.
         connector = self.connectors[spec.TYPE]
-        reason = connector.available()
-        if reason is not None:
-            return {"ok": False, "steps": [{"step": "backend", "ok": False, "seconds": 0.0,
-                                            "detail": f"not available on this host: {reason}"}]}
         try:
             async with asyncio.timeout(timeout):
                 steps = await connector.test(spec, timeout)
