@@ -5,9 +5,14 @@ set -euo pipefail
 PIP_EXTRAS="[test]"
 # qemu and friends boot the test guest (tests/guest): a stock Debian kernel for NFS, iSCSI,
 # multipath, bonding and systemd as PID 1, which this machine's own kernel lacks.
-# nfs-ganesha and rpcbind serve NFS from a network namespace for connectivity tests.
+# nfs-ganesha and rpcbind serve NFS, glusterd a volume, from network namespaces; dbus-daemon
+# is a private bus for the systemd scope tests; open-iscsi gives os-brick its iscsiadm;
+# prometheus brings promtool and a real server to scrape the daemon; tgt and libiscsi-bin
+# are an iSCSI target and a userspace initiator for the iSCSI tests on this kernel.
 EXTRA_APT_PACKAGES="qemu-system-x86 qemu-utils debootstrap dpkg apt ca-certificates
-    debian-archive-keyring nfs-common nfs-ganesha nfs-ganesha-vfs rpcbind nftables"
+    debian-archive-keyring nfs-common nfs-ganesha nfs-ganesha-vfs rpcbind nftables
+    glusterfs-server glusterfs-client fuse3 dbus-daemon iproute2 open-iscsi
+    prometheus openssl systemd tgt libiscsi-bin"
 . "$(dirname "$0")/setup-env.sh"
 .venv/bin/ruff check .
 .venv/bin/mypy

@@ -14,7 +14,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, BinaryIO
+from typing import Any
 
 DEFAULT_SOCKET = "/run/vdsmconn/vdsmconn.sock"
 SOCKET_ENV = "VDSMCONN_SOCKET"
@@ -22,6 +22,9 @@ DEFAULT_TIMEOUT = 60.0
 DEFAULT_WAIT = 30.0
 ERROR_WIDTH = 60
 STATE_EVENT = "storageServerStateChanged"
+CLEAR = "\033[H\033[2J"  # cursor home, clear screen
+WATCH_RECENT = 5  # events shown under the live table
+DEFAULT_KEEPALIVE = 60.0  # well under the daemon's default idle_timeout (600 s)
 
 
 class UsageError(Exception):
@@ -48,10 +51,14 @@ class Client:
     def __init__(self, path: str, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.path = path
         self.timeout = timeout
+        # While waiting for notifications, send a harmless message this often, so the
+        # daemon's idle_timeout (default 600 s) never drops a quiet subscriber.
+        self.keepalive: float | None = None
         self._sock: socket.socket | None = None
-        self._file: BinaryIO | None = None
+        self._buffer = bytearray()
         self._next_id = 1
         self._pending: collections.deque[dict[str, Any]] = collections.deque()
+        self._events: list[str] = []
 
     def __enter__(self) -> Client:
         return self
@@ -68,34 +75,51 @@ class Client:
             sock.close()
             reason = e.strerror or str(e)
             raise TransportError(f"cannot connect to daemon at {self.path}: {reason}") from None
-        self._sock, self._file = sock, sock.makefile("rb")
+        self._sock = sock
 
     def close(self) -> None:
-        if self._sock is not None and self._file is not None:
-            self._file.close()
+        if self._sock is not None:
             self._sock.close()
-            self._sock = self._file = None
+            self._sock = None
+            self._buffer.clear()
 
-    def call(
-        self, method: str, params: dict[str, Any] | None = None, wait: float = 0.0,
-        expect: type = dict,
-    ) -> Any:
-        """Return the result (of type `expect`); the reply may take `wait` s longer."""
+    def send(self, method: str, params: dict[str, Any] | None = None,
+             notification: bool = False) -> int | None:
+        """Send one request (or notification); returns its id."""
         if self._sock is None:
             self.connect()
         assert self._sock is not None
-        request_id, self._next_id = self._next_id, self._next_id + 1
-        request: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id, "method": method}
+        request: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+        request_id = None
+        if not notification:
+            request_id, self._next_id = self._next_id, self._next_id + 1
+            request["id"] = request_id
         if params is not None:
             request["params"] = params
-        self._sock.settimeout(self.timeout + wait)
+        if method == "subscribe" and params is not None:
+            self._events = list(params.get("events", []))
         try:
             self._sock.sendall(json.dumps(request, ensure_ascii=False).encode() + b"\n")
         except OSError as e:
             raise TransportError(f"cannot send to daemon: {e.strerror or e}") from None
+        return request_id
+
+    def call(
+        self, method: str, params: dict[str, Any] | None = None, wait: float = 0.0,
+        expect: type = dict, on_notification: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Any:
+        """Return the result (of type `expect`); the reply may take `wait` s longer.
+        Notifications that come meanwhile go to `on_notification`, or are kept for
+        `notifications()`."""
+        request_id = self.send(method, params)
+        assert self._sock is not None
+        self._sock.settimeout(self.timeout + wait)
         while (msg := self._receive()) is not None:
             if "id" not in msg:
-                self._pending.append(msg)
+                if on_notification is not None:
+                    on_notification(msg)
+                else:
+                    self._pending.append(msg)
             elif msg["id"] == request_id or (msg["id"] is None and "error" in msg):
                 error = msg.get("error")
                 if not isinstance(error, dict):
@@ -112,30 +136,51 @@ class Client:
         return result
 
     def notifications(self) -> Iterator[dict[str, Any]]:
-        """Yield notifications ({method, params}) until the daemon closes the connection."""
-        while self._pending:
-            yield self._pending.popleft()
-        if self._sock is None:
-            return
-        self._sock.settimeout(None)
-        while (msg := self._receive()) is not None:
+        """Yield notifications ({method, params}) until the daemon closes the connection.
+        With `keepalive` set, a quiet connection is kept open by re-sending the last
+        subscribe as a notification (no reply, no effect) every `keepalive` seconds."""
+        while True:
+            if self._pending:
+                yield self._pending.popleft()
+                continue
+            if self._sock is None:
+                return
+            self._sock.settimeout(self.keepalive)
+            try:
+                msg = self._receive(raise_timeout=self.keepalive is not None)
+            except TimeoutError:
+                self.send("subscribe", {"events": self._events}, notification=True)
+                continue
+            if msg is None:
+                return
             if "id" not in msg:
                 yield msg
 
-    def _receive(self) -> dict[str, Any] | None:
+    def _receive(self, raise_timeout: bool = False) -> dict[str, Any] | None:
         """Return the next JSON object from the connection, None at end of stream."""
-        assert self._sock is not None and self._file is not None
-        try:
-            line = self._file.readline()
-            while line and not line.strip():
-                line = self._file.readline()
-        except TimeoutError:
-            timeout = self._sock.gettimeout()
-            raise TransportError(f"no reply from daemon within {timeout:g} s") from None
-        except OSError as e:
-            raise TransportError(f"connection to daemon failed: {e.strerror or e}") from None
-        if not line:
-            return None
+        assert self._sock is not None
+        while True:
+            end = self._buffer.find(b"\n")
+            if end != -1:
+                line = bytes(self._buffer[:end])
+                del self._buffer[: end + 1]
+                if not line.strip():
+                    continue
+                break
+            try:
+                chunk = self._sock.recv(65536)
+            except TimeoutError:
+                if raise_timeout:
+                    raise
+                timeout = self._sock.gettimeout()
+                raise TransportError(f"no reply from daemon within {timeout:g} s") from None
+            except OSError as e:
+                raise TransportError(f"connection to daemon failed: {e.strerror or e}") from None
+            if not chunk:
+                if self._buffer.strip():
+                    raise TransportError("malformed message from daemon")
+                return None
+            self._buffer += chunk
         try:
             msg = json.loads(line.decode())
         except (UnicodeDecodeError, ValueError):
@@ -315,8 +360,12 @@ def _cmd_list(args: argparse.Namespace, client: Client) -> int:
 
 def _cmd_wait(args: argparse.Namespace, client: Client) -> int:
     params = {"connectionIDs": args.cids, "timeout": args.wait_timeout, "until": args.until}
+    show = args.progress if args.progress is not None else (
+        not args.json and sys.stderr.isatty())
+    on_event = _progress(client, args.cids) if show else None
     try:
-        result = client.call("waitStorageServer", params, wait=args.wait_timeout)
+        result = client.call("waitStorageServer", params, wait=args.wait_timeout,
+                             on_notification=on_event)
     except RpcError as e:
         if e.code != 480 or not isinstance(e.data, dict):
             raise
@@ -329,6 +378,28 @@ def _cmd_wait(args: argparse.Namespace, client: Client) -> int:
             print(f"vdsmconn: not connected: {', '.join(down)}", file=sys.stderr)
             return 1
     return 0
+
+
+def _progress(client: Client, cids: list[str]) -> Callable[[dict[str, Any]], None]:
+    """Subscribe, print where the CIDs stand, and return the printer of their changes
+    (to standard error: standard output keeps the result)."""
+    client.call("subscribe", {"events": [STATE_EVENT]}, expect=object)
+    statuses = client.call("getStorageServerList",
+                           {"connectionIDs": cids, "includeUnmanaged": False})
+    wanted = set(cids)
+    now = ", ".join(
+        f"{cid} {_text(statuses[cid].get('state')) if isinstance(statuses.get(cid), dict) else '?'}"
+        for cid in cids)
+    print(f"waiting: {now}", file=sys.stderr, flush=True)
+
+    def show(msg: dict[str, Any]) -> None:
+        params = msg.get("params")
+        if msg.get("method") != STATE_EVENT or not isinstance(params, dict):
+            return
+        mine = [c for c in params.get("connectionIDs") or [] if c in wanted]
+        if mine:
+            print(format_event({**params, "connectionIDs": mine}), file=sys.stderr, flush=True)
+    return show
 
 
 def _cmd_test(args: argparse.Namespace, client: Client) -> int:
@@ -360,19 +431,84 @@ def _cmd_info(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+class WatchTable:
+    """The connections `vdsmconn watch` shows, kept current from state-change events."""
+
+    def __init__(self, statuses: dict[str, Any]) -> None:
+        self.rows: dict[str, dict[str, Any]] = {
+            cid: dict(st) for cid, st in statuses.items() if isinstance(st, dict)}
+        self.recent: collections.deque[str] = collections.deque(maxlen=WATCH_RECENT)
+
+    def apply(self, params: dict[str, Any]) -> list[str]:
+        """Apply one event; returns the CIDs the table does not know yet."""
+        self.recent.append(format_event(params))
+        key, new = params.get("key"), params.get("newState")
+        if new is None:
+            for cid in [c for c, row in self.rows.items() if row.get("key") == key]:
+                del self.rows[cid]
+            return []
+        unknown = []
+        for cid in params.get("connectionIDs") or []:
+            row = self.rows.get(cid)
+            if row is None:
+                unknown.append(cid)
+                row = self.rows[cid] = {"key": key}
+            row.update(state=new, lastError=params.get("lastError"), since=params.get("time"),
+                       key=key, connected=new in ("connected", "degraded"))
+        return unknown
+
+    def render(self, title: str) -> str:
+        rows = []
+        for cid in sorted(self.rows):
+            st = self.rows[cid]
+            conn = st.get("connection")
+            rows.append([
+                cid, _text(conn.get("type") if isinstance(conn, dict) else None),
+                _text(st.get("state")), _text(st.get("refs")),
+                format_time(st.get("since"))[11:19] if st.get("since") else "-",
+                _text(st.get("path")), _shorten(format_error(st.get("lastError")), ERROR_WIDTH),
+            ])
+        table = format_table(["CID", "TYPE", "STATE", "REFS", "SINCE", "PATH", "ERROR"], rows)
+        recent = "\n".join(self.recent) or "(none yet)"
+        return f"{title}\n\n{table}\n\nrecent events:\n{recent}\n"
+
+
 def _cmd_watch(args: argparse.Namespace, client: Client) -> int:
+    client.keepalive = args.keepalive
+    live = not args.json and sys.stdout.isatty()
     try:
         client.call("subscribe", {"events": [STATE_EVENT]}, expect=object)
+        table = None
+        if live:
+            table = WatchTable(client.call("getStorageServerList", {"includeUnmanaged": False}))
+            _redraw(table, args.socket)
         for msg in client.notifications():
             params = msg.get("params")
             if msg.get("method") != STATE_EVENT or not isinstance(params, dict):
                 continue
-            line = json.dumps(params, ensure_ascii=False) if args.json else format_event(params)
-            print(line, flush=True)
+            if table is None:
+                line = json.dumps(params, ensure_ascii=False) if args.json \
+                    else format_event(params)
+                print(line, flush=True)
+                continue
+            unknown = table.apply(params)
+            if unknown:
+                found = client.call("getStorageServerList",
+                                    {"connectionIDs": unknown, "includeUnmanaged": False})
+                table.rows.update({c: st for c, st in found.items() if isinstance(st, dict)})
+            _redraw(table, args.socket)
     except KeyboardInterrupt:
         return 0
     print("vdsmconn: the daemon closed the connection", file=sys.stderr)
     return 3
+
+
+def _redraw(table: WatchTable, socket_path: str) -> None:
+    now = time.strftime("%H:%M:%S")
+    title = (f"vdsmconn watch  {socket_path}  {now}  {len(table.rows)} connection IDs"
+             "  (Ctrl-C quits)")
+    sys.stdout.write(CLEAR + table.render(title))
+    sys.stdout.flush()
 
 
 Handler = Callable[[argparse.Namespace, Client], int]
@@ -427,6 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", dest="wait_timeout", type=_seconds, default=DEFAULT_WAIT,
                    metavar="S", help=f"seconds to wait (default {DEFAULT_WAIT:g})")
     p.add_argument("--until", choices=["connected", "error"], default="connected")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="print state changes of the CIDs to standard error while waiting "
+                        "(default: when standard error is a terminal and without --json)")
 
     p = verb("test", _cmd_test, "test connectivity without managing anything")
     p.add_argument("connection", metavar="CONNECTION", help=conn_help)
@@ -441,7 +580,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     verb("connector-info", _cmd_info, "show os-brick connector properties")
     verb("info", _cmd_info, "show daemon and host information")
-    verb("watch", _cmd_watch, "print connection state changes as they happen")
+    p = verb("watch", _cmd_watch, "show connections live (a table on a terminal, one line per "
+             "state change otherwise, JSON objects with --json)")
+    p.add_argument("--keepalive", type=_seconds, default=DEFAULT_KEEPALIVE, metavar="S",
+                   help="re-subscribe every S seconds of silence so the daemon's idle_timeout "
+                        f"does not drop the watch (default {DEFAULT_KEEPALIVE:g})")
     return parser
 
 

@@ -58,6 +58,21 @@ class SupervisorConfig:
 @dataclass(frozen=True)
 class IscsiConfig:
     parallel_logins: int = 10
+    login_retries: int = 1  # node.session.initial_login_retry_max: the daemon retries
+    login_timeout: int = 15  # node.conn[0].timeo.login_timeout, seconds
+    iscsiadm_command: str = "iscsiadm"
+    inq_command: str = "iscsi-inq"  # libiscsi-bin: userspace login in testStorageServer
+    sysfs_root: str = "/sys"  # where iscsi_session and net devices are read
+
+
+@dataclass(frozen=True)
+class ManagedConfig:
+    """Managed block volumes (os-brick)."""
+
+    multipath: bool = False  # used for attach and detach alike (kept in each record)
+    helper_timeout: float = 120.0  # deadline of one os-brick helper call
+    helper_command: str | None = None  # null: this Python with -m vdsmconn.host.brick_helper
+    my_ip: str | None = None  # the host address in getConnectorInfo; null: found out
 
 
 @dataclass(frozen=True)
@@ -72,10 +87,13 @@ class Config:
     mount_root: str = "/rhev/data-center/mnt"
     mount_command: str = "mount"
     umount_command: str = "umount"
+    gluster_command: str = "gluster"
+    scope_slice: str = "vdsmconn.slice"
     rpc: RpcConfig = field(default_factory=RpcConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     iscsi: IscsiConfig = field(default_factory=IscsiConfig)
+    managed: ManagedConfig = field(default_factory=ManagedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -86,6 +104,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "run_dir": (os.path.isabs, "an absolute path"),
     "mount_root": (os.path.isabs, "an absolute path"),
     "rpc.socket": (os.path.isabs, "an absolute path"),
+    "scope_slice": (lambda v: v.endswith(".slice") and "/" not in v, "a name ending in .slice"),
     "rpc.max_clients": _POSITIVE,
     "rpc.idle_timeout": _POSITIVE,
     "rpc.max_message": (lambda v: v >= 1024, "at least 1024"),
@@ -95,6 +114,13 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "supervisor.probe_timeout": _POSITIVE,
     "supervisor.command_timeout": _POSITIVE,
     "iscsi.parallel_logins": (lambda v: 1 <= v <= 256, "an integer from 1 to 256"),
+    "iscsi.login_retries": (lambda v: 0 <= v <= 100, "an integer from 0 to 100"),
+    "iscsi.login_timeout": (lambda v: 1 <= v <= 3600, "an integer from 1 to 3600"),
+    "iscsi.iscsiadm_command": (lambda v: bool(v.strip()), "a command"),
+    "iscsi.inq_command": (lambda v: bool(v.strip()), "a command"),
+    "iscsi.sysfs_root": (os.path.isabs, "an absolute path"),
+    "managed.helper_timeout": _POSITIVE,
+    "managed.helper_command": (lambda v: bool(v.strip()), "a command line"),
     "logging.level": (lambda v: v in LOG_LEVELS, "one of " + ", ".join(LOG_LEVELS)),
     "metrics.listen": (lambda v: v is None or _is_hostport(v), "HOST:PORT or null"),
     "rpc.tcp.listen": (lambda v: v is None or _is_hostport(v), "HOST:PORT or null"),
@@ -122,6 +148,8 @@ def _coerce(path: str, expected: Any, value: Any, source: str) -> Any:
     if base == "int" and isinstance(value, int) and not isinstance(value, bool):
         return value
     if base == "str" and isinstance(value, str):
+        return value
+    if base == "bool" and isinstance(value, bool):
         return value
     raise ConfigError(f"{source}: {path}: expected {base}, got {type(value).__name__} {value!r}")
 
@@ -173,6 +201,16 @@ def load(path: str | None = None, base: Config | None = None) -> Config:
             raise ConfigError(f"{f}: cannot read: {e.strerror}") from None
         config = load_text(text, str(f), config)
     return config
+
+
+def check_complete(config: Config) -> None:
+    """Checks across keys that may come from different files, once all are merged."""
+    tcp = config.rpc.tcp
+    if tcp.listen is not None:
+        for name in ("cert", "key", "ca"):
+            if not getattr(tcp, name):
+                raise ConfigError(f"rpc.tcp.{name}: required when rpc.tcp.listen is set "
+                                  "(TLS with client certificates)")
 
 
 def _system_files() -> list[Path]:

@@ -10,17 +10,20 @@ import signal
 import sys
 from pathlib import Path
 
-from vdsmconn import __version__, config, connectors, errors, systemd
+from vdsmconn import __version__, config, connectors, errors, metrics, systemd
 from vdsmconn.clock import Clock
 from vdsmconn.connectors.base import HostContext
+from vdsmconn.connectors.iscsi import IscsiConnector
+from vdsmconn.connectors.managed import ManagedConnector
 from vdsmconn.connectors.mount import read_mounts
 from vdsmconn.host.command import CommandRunner
 from vdsmconn.host.mountinfo import Mount
 from vdsmconn.model import ConnectionKey, ConnectionSpec
+from vdsmconn.monitors import netlink, udev
 from vdsmconn.monitors.mountinfo import MountinfoWatcher
 from vdsmconn.reconcile.reconciler import Reconciler
 from vdsmconn.rpc import jsonrpc, methods, params
-from vdsmconn.rpc.server import Limits, UnixServer
+from vdsmconn.rpc.server import Limits, TlsServer, UnixServer, tls_context
 from vdsmconn.service import Service
 from vdsmconn.state.actual import ActualState
 from vdsmconn.state.desired import DesiredState
@@ -76,29 +79,61 @@ class Daemon:
         runner = CommandRunner()
         watcher = MountinfoWatcher()
         server: UnixServer | None = None
+        tls: TlsServer | None = None
+        scrape: metrics.MetricsServer | None = None
         reconciler: Reconciler | None = None
+        status: systemd.StatusReporter | None = None
         try:
             desired = await self.load_desired(store)
             actual = ActualState()
+            measure = metrics.Metrics(desired, actual)
             mounts = await read_mounts()
-            host = HostContext(cfg, runner, lambda: reconciler.mounts if reconciler else mounts)
+            host = HostContext(cfg, runner, lambda: reconciler.mounts if reconciler else mounts,
+                               store=store)
             table = connectors.build(host)
-            reconciler = Reconciler(cfg, desired, actual, table, self.clock)
+            managed = table["managed"]
+            if isinstance(managed, ManagedConnector):
+                await managed.load()  # attachment records, so adoption starts as uncertain
+            # Operations start in the supervisors only: they get the timed connectors.
+            reconciler = Reconciler(cfg, desired, actual, measure.instrument(table), self.clock)
             service = Service(cfg, store, desired, actual, reconciler, table, self.clock)
+            status = systemd.StatusReporter(measure.status_line)
+            actual.listen(lambda _change: status.changed() if status else None)
             log.info("START version=%s cids=%d keys=%d mount_root=%s", __version__,
                      len(desired), len(desired.all_keys()), cfg.mount_root)
             reconciler.start(mounts, await self.load_teardowns(store, desired))
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(watcher.run(lambda ms: reconciler.on_mounts(_by_path(ms))))
-                server = UnixServer(
-                    jsonrpc.Dispatcher(methods.build(service)), cfg.rpc.socket,
-                    group=cfg.rpc.socket_group,
-                    limits=Limits(max_message=cfg.rpc.max_message,
-                                  idle_timeout=cfg.rpc.idle_timeout,
-                                  max_clients=cfg.rpc.max_clients),
-                )
+                iscsi = table["iscsi"]
+                if isinstance(iscsi, IscsiConnector) and (why := netlink.available()) is None:
+                    def on_link(event: netlink.LinkEvent) -> None:
+                        # Down: that path is marked down; up: its missing session logs in.
+                        for key in iscsi.link_changed(event.name, event.up):
+                            reconciler.kick(key, suspect=True)
+                    tasks.create_task(netlink.LinkWatcher(cfg.iscsi.sysfs_root).run(on_link))
+                elif why:
+                    log.warning("NETLINK not watching links: %s", why)
+                if (why := udev.available()) is None:
+                    tasks.create_task(udev.UdevWatcher().run(lambda _e: reconciler.on_devices()))
+                else:
+                    log.warning("UDEV not watching block devices: %s", why)
+                dispatcher = jsonrpc.Dispatcher(
+                    measure.instrument_methods(methods.build(service)))
+                limits = Limits(max_message=cfg.rpc.max_message,
+                                idle_timeout=cfg.rpc.idle_timeout,
+                                max_clients=cfg.rpc.max_clients)
+                server = UnixServer(dispatcher, cfg.rpc.socket, group=cfg.rpc.socket_group,
+                                    limits=limits)
                 await server.start()
-                systemd.notify(f"READY=1\nSTATUS=supervising {len(desired.all_keys())} connections")
+                tcp = cfg.rpc.tcp
+                if tcp.listen and tcp.cert and tcp.key and tcp.ca:
+                    tls = TlsServer(dispatcher, tcp.listen, tls_context(tcp.cert, tcp.key, tcp.ca),
+                                    limits=limits)
+                    await tls.start()
+                if cfg.metrics.listen:
+                    scrape = metrics.MetricsServer(measure, cfg.metrics.listen)
+                    await asyncio.to_thread(scrape.start)
+                status.ready()
                 interval = systemd.watchdog_interval()
                 if interval:
                     tasks.create_task(systemd.watchdog(interval))
@@ -110,6 +145,12 @@ class Daemon:
         except* _Stop:
             pass
         finally:
+            if status is not None:
+                status.close()
+            if scrape is not None:
+                await asyncio.to_thread(scrape.close)
+            if tls is not None:
+                await tls.close()
             if server is not None:
                 await server.close()
             if reconciler is not None:
@@ -153,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = config.load(args.config, base) if args.config else base
         else:
             cfg = config.load(args.config)
+        config.check_complete(cfg)
     except config.ConfigError as e:
         print(f"vdsmconnd: configuration error: {e}", file=sys.stderr)
         return 2
@@ -166,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
 async def _main(cfg: config.Config) -> int:
     daemon = Daemon(cfg)
     loop = asyncio.get_running_loop()
+    # Children are reaped through pidfds on the loop; Python 3.11's default watcher starts a
+    # thread per child, which made spawning mount commands the bottleneck of many connects.
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(loop)
+    asyncio.set_child_watcher(watcher)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stop.set)
     try:

@@ -137,6 +137,31 @@ class StaleMount(Error):
     name = "StaleMount"
 
 
+class ManagedVolumeNotSupported(Error):
+    code = 925
+    name = "ManagedVolumeNotSupported"
+
+
+class ManagedVolumeHelperFailed(Error):
+    code = 926
+    name = "ManagedVolumeHelperFailed"
+
+
+class ManagedVolumeAlreadyAttached(Error):
+    code = 927
+    name = "ManagedVolumeAlreadyAttached"
+
+
+class ManagedVolumeUnsupportedDevice(Error):
+    code = 928
+    name = "ManagedVolumeUnsupportedDevice"
+
+
+class ManagedVolumeConnectionMismatch(Error):
+    code = 929
+    name = "ManagedVolumeConnectionMismatch"
+
+
 class MountHung(StaleMount):
     """A probe of the mount did not return in time: the key is stuck."""
 

@@ -81,6 +81,8 @@ def normalize_remote(spec: str) -> str:
         if close != -1:
             idx = spec.find(":/", close)
     if idx == -1:
+        if spec.startswith("//"):  # a CIFS share, //server/share: keep its two slashes
+            return "/" + normalize_path(spec[1:])
         return normalize_path(spec) if spec.startswith("/") else spec
     host, path = spec[:idx], spec[idx + 1 :]
     return f"{host}:{normalize_path(path)}"
@@ -181,6 +183,12 @@ class MountSpec(ConnectionSpec):
     @property
     def key(self) -> ConnectionKey:
         return ConnectionKey("file", self.mount_name)
+
+    def to_wire(self) -> dict[str, Any]:
+        out = super().to_wire()
+        if self.mnt_options:
+            out["mnt_options"] = mask_options(self.mnt_options)
+        return out
 
     def options(self) -> list[str]:
         """Mount options in order, empty items dropped."""
@@ -289,6 +297,15 @@ class ManagedSpec(ConnectionSpec):
 
     def to_store(self) -> dict[str, Any]:
         return {"type": self.TYPE, "volumeID": self.volumeID, "connection_info": self.info()}
+
+
+def mask_options(options: str) -> str:
+    """Mount options with the values of secret-named options masked."""
+    items = []
+    for item in options.split(","):
+        name, sep, _ = item.partition("=")
+        items.append(f"{name}={MASK}" if sep and is_secret_name(name) else item)
+    return ",".join(items)
 
 
 def mask_secrets(value: Any) -> Any:

@@ -17,9 +17,20 @@ from typing import Any
 from vdsmconn import __version__, errors
 from vdsmconn.clock import Clock
 from vdsmconn.config import Config
-from vdsmconn.connectors import localfs, mount
+from vdsmconn.connectors import iscsi_discovery, localfs, mount
 from vdsmconn.connectors.base import Connector
-from vdsmconn.model import ConnectionKey, ConnectionSpec, LocalSpec, MountSpec, State
+from vdsmconn.connectors.iscsi import IscsiConnector
+from vdsmconn.connectors.managed import ManagedConnector
+from vdsmconn.host import scope
+from vdsmconn.model import (
+    ConnectionKey,
+    ConnectionSpec,
+    IscsiSpec,
+    LocalSpec,
+    MountSpec,
+    Secret,
+    State,
+)
 from vdsmconn.reconcile.reconciler import Reconciler
 from vdsmconn.state.actual import ActualState, Change, KeyStatus
 from vdsmconn.state.desired import DesiredState, Entry
@@ -28,6 +39,7 @@ from vdsmconn.state.store import Delete, DeleteTeardown, Op, Put, PutTeardown, S
 log = logging.getLogger(__name__)
 
 ERROR_STATES = (State.FAILED, State.STUCK)
+BACKENDS_TTL = 10.0  # seconds getHostInfo may show a backend's availability unchanged
 
 
 class Service:
@@ -44,6 +56,7 @@ class Service:
         self.clock = clock
         self.started = clock.time()
         self._locks: dict[str, asyncio.Lock] = {}
+        self._backends_cache: tuple[float, dict[str, Any]] | None = None
         self._lock_users: dict[str, int] = {}
         self._changed = asyncio.Event()  # set and replaced on every desired or actual change
         actual.listen(self._on_change)
@@ -210,7 +223,7 @@ class Service:
         found: list[dict[str, Any]] = mount.foreign_mounts(self.reconciler.mounts, root, known)
         found += await asyncio.to_thread(localfs.foreign_links, root, known)
         now = self.clock.time()
-        return [
+        return self._unmanaged_sessions(now) + [
             {
                 "managed": False, "connected": True, "state": str(State.CONNECTED),
                 "key": "file:" + f["path"][len(root.rstrip("/")) + 1 :],
@@ -220,6 +233,36 @@ class Service:
             }
             for f in found
         ]
+
+    def _unmanaged_sessions(self, now: float) -> list[dict[str, Any]]:
+        """iSCSI sessions on the host that no managed key uses."""
+        iscsi = self.connectors.get("iscsi")
+        if not isinstance(iscsi, IscsiConnector):
+            return []
+        specs = [spec for key in self.desired.all_keys()
+                 if isinstance(spec := self.desired.spec_of(key), IscsiSpec)]
+        return [
+            {
+                "managed": False, "connected": x.logged_in,
+                "state": str(State.CONNECTED if x.logged_in else State.FAILED),
+                "key": f"iscsi:{x.address}:{x.port},{x.tpgt},{x.iqn},{x.iface}", "refs": 0,
+                "connection": {"type": "iscsi", "connection": x.address, "port": x.port,
+                               "tpgt": x.tpgt, "iqn": x.iqn, "ifaceName": x.iface},
+                "lastError": None, "since": None, "attempts": 0, "nextRetry": None,
+                "path": None, "paths": None, "lastCheck": now,
+            }
+            for x in iscsi.unmanaged(specs)
+        ]
+
+    async def discover(self, host: str, port: int, user: str | None, password: Secret | None,
+                       ipv6_enabled: bool) -> list[dict[str, Any]]:
+        """iSCSI sendtargets discovery: `[{portal, tpgt, iqn}]`."""
+        iscsi = self.connectors["iscsi"]
+        if not isinstance(iscsi, IscsiConnector):
+            raise errors.BackendUnavailable("the iSCSI backend is not available")
+        return await iscsi_discovery.discover_send_targets(
+            iscsi.adm, host, port, user, password, ipv6_enabled,
+            self.config.supervisor.probe_timeout)
 
     async def wait(self, cids: list[str], timeout: float, until: str) -> dict[str, Any]:
         for cid in cids:
@@ -260,25 +303,40 @@ class Service:
                 from None
         return steps.to_wire()
 
+    async def connector_info(self, refresh: bool) -> dict[str, Any]:
+        """os-brick's connector properties of this host, for arrays to export volumes to."""
+        managed = self.connectors.get("managed")
+        if not isinstance(managed, ManagedConnector):
+            raise errors.ManagedVolumeNotSupported("managed volumes are not available")
+        return await managed.connector_info(refresh)
+
     def host_info(self) -> dict[str, Any]:
         counts: dict[str, int] = {str(s): 0 for s in State}
         for key in self.desired.all_keys():
             st = self.actual.get(key)
             counts[str(st.state if st else State.CONNECTING)] += 1
-        backends = {}
-        for name, connector in self.connectors.items():
-            reason = connector.available()
-            backends[name] = {"available": reason is None, "reason": reason}
         return {
             "version": __version__,
             "pid": os.getpid(),
             "uptime": round(self.clock.time() - self.started, 3),
             "mountRoot": self.config.mount_root,
-            "backends": backends,
+            "backends": self._backends(),
+            "fuseScope": scope.describe(self.config.scope_slice),
             "connectionIDs": len(self.desired),
             "keys": len(self.desired.all_keys()),
             "states": counts,
         }
+
+    def _backends(self) -> dict[str, Any]:
+        """Backend availability (PATH lookups, stat calls), worked out at most every 10 s."""
+        now = self.clock.monotonic()
+        if self._backends_cache is None or now - self._backends_cache[0] > BACKENDS_TTL:
+            table = {}
+            for name, connector in self.connectors.items():
+                reason = connector.available()
+                table[name] = {"available": reason is None, "reason": reason}
+            self._backends_cache = (now, table)
+        return self._backends_cache[1]
 
     def subscribe_changes(self, listener: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
         """Call `listener` with a storageServerStateChanged body on every key change."""

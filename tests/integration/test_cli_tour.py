@@ -50,12 +50,18 @@ def test_tour(daemon: Daemon, tmp_path: Path) -> None:
     assert info["backends"]["posixfs"]["available"] is True
 
 
-def test_unavailable_backend_is_reported_not_crashed(daemon: Daemon) -> None:
-    daemon.call("manageStorageServer", connectionID="i",
-                connection="iscsi://127.0.0.1/iqn.2003-01.org.example:t1")
-    status = daemon.wait_error("i", 451)
-    assert "not available on this host" in status["lastError"]["message"]
-    assert status["state"] == "failed"
-    assert daemon.call("getHostInfo")["backends"]["iscsi"]["available"] is False
-    daemon.call("unmanageStorageServer", connectionID="i")
-    assert daemon.call("getStorageServerList") == {}
+def test_unavailable_backend_is_reported_not_crashed(tmp_path: Path) -> None:
+    """A backend whose tool is missing on the host: lastError says so, the daemon serves on."""
+    daemon = Daemon(tmp_path, mount_command="/nonexistent/mount")
+    try:
+        daemon.start()
+        assert daemon.call("getHostInfo")["backends"]["posixfs"]["available"] is False
+        daemon.call("manageStorageServer", connectionID="p",
+                    connection={"type": "posixfs", "connection": "vc-none", "vfs_type": "tmpfs"})
+        status = daemon.wait_error("p", 451)
+        assert "/nonexistent/mount" in status["lastError"]["message"]
+        assert status["state"] == "failed"
+        daemon.call("unmanageStorageServer", connectionID="p")
+        assert daemon.call("getStorageServerList") == {}
+    finally:
+        daemon.cleanup()

@@ -198,3 +198,19 @@ def test_legitimate_options_pass() -> None:
     spec = params.parse_connection({"type": "posixfs", "connection": "/dev/x",
                                     "mnt_options": opts})
     assert isinstance(spec, PosixSpec) and "backup-volfile-servers=h1:h2" in spec.options()
+
+
+def test_secret_mount_options_are_masked_on_the_wire() -> None:
+    spec = params.parse_connection({"type": "posixfs", "connection": "//srv/share",
+                                    "vfs_type": "cifs",
+                                    "mnt_options": "username=u,password=pw1,ro,auth_token=t"})
+    assert isinstance(spec, PosixSpec)
+    assert spec.to_wire()["mnt_options"] == "username=u,password=********,ro,auth_token=********"
+    assert "pw1" in ",".join(spec.options())  # the mount itself still gets them
+
+
+def test_cifs_share_keeps_its_double_slash() -> None:
+    spec = params.parse_connection({"type": "posixfs", "connection": "//srv//share/",
+                                    "vfs_type": "cifs"})
+    assert isinstance(spec, PosixSpec)
+    assert spec.connection == "//srv/share" and spec.mount_name == "__srv_share"

@@ -6,10 +6,11 @@ from typing import Any
 
 from vdsmconn.connectors.base import Connector, HostContext
 from vdsmconn.connectors.gluster import GlusterConnector
+from vdsmconn.connectors.iscsi import IscsiConnector
 from vdsmconn.connectors.localfs import LocalConnector
+from vdsmconn.connectors.managed import ManagedConnector
 from vdsmconn.connectors.mount import PosixConnector
 from vdsmconn.connectors.nfs import NfsConnector
-from vdsmconn.connectors.unavailable import UnavailableConnector
 
 
 def build(host: HostContext) -> dict[str, Connector[Any]]:
@@ -18,6 +19,6 @@ def build(host: HostContext) -> dict[str, Connector[Any]]:
         "nfs": NfsConnector(host),
         "glusterfs": GlusterConnector(host),
         "localfs": LocalConnector(host),
-        "iscsi": UnavailableConnector(host, "iscsi", "the iSCSI backend is not built yet"),
-        "managed": UnavailableConnector(host, "managed", "the os-brick backend is not built yet"),
+        "iscsi": IscsiConnector(host),
+        "managed": ManagedConnector(host),
     }

@@ -13,6 +13,7 @@ from vdsmconn.config import Config
 from vdsmconn.host.command import CommandRunner
 from vdsmconn.host.mountinfo import Mount
 from vdsmconn.model import ConnectionSpec
+from vdsmconn.state.store import Store
 
 S = TypeVar("S", bound=ConnectionSpec)
 
@@ -24,6 +25,7 @@ class HostContext:
     config: Config
     runner: CommandRunner
     mounts: Callable[[], Mapping[str, Mount]]  # mount point -> mount, as last read
+    store: Store | None = None  # managed volumes keep their attachment records here
 
 
 @dataclass(frozen=True)

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import shutil
 import tempfile
 from typing import Any
 
 from vdsmconn import errors
+from vdsmconn.config import Config
 from vdsmconn.connectors.base import Connected, Connector, StepLog
-from vdsmconn.host import mountinfo, probe
+from vdsmconn.host import mountinfo, probe, scope
+from vdsmconn.host.command import CommandRunner
 from vdsmconn.model import MountSpec
 
+log = logging.getLogger(__name__)
+
 # errno values that mean the mount is dead rather than merely refusing us.
-_STALE = {errno.ESTALE, errno.ENOTCONN, errno.EIO, errno.EHOSTDOWN, errno.ETIMEDOUT}
+_STALE = {errno.ESTALE, errno.ENOTCONN, errno.EIO, errno.EHOSTDOWN, errno.ETIMEDOUT,
+          errno.ECONNABORTED}
 
 
 def _check_mountpoint(path: str) -> None:
@@ -61,6 +67,12 @@ class MountConnector(Connector[MountSpec]):
         path = self.mountpoint(spec)
         return Connected(path=path) if path in self.host.mounts() else None
 
+    def is_fuse(self, spec: MountSpec) -> bool:
+        """Whether the mount is served by a FUSE daemon that must live in a scope of its own."""
+        fstype = self.fstype or spec.vfs_type or ""
+        return fstype in ("glusterfs", "fuse", "fuseblk") or fstype.startswith(
+            ("fuse.", "fuseblk."))
+
     async def connect(self, spec: MountSpec) -> Connected:
         path = self.mountpoint(spec)
         if path in await read_mounts():
@@ -69,9 +81,20 @@ class MountConnector(Connector[MountSpec]):
         await self._mount(spec, path)
         return Connected(path=path)
 
+    async def extra_options(self, spec: MountSpec) -> tuple[str, ...]:
+        """Options computed at mount time, put before the spec's own (gluster: backups)."""
+        return ()
+
     async def _mount(self, spec: MountSpec, path: str, extra: tuple[str, ...] = ()) -> None:
         timeout = self.host.config.supervisor.command_timeout
-        result = await self.host.runner.run(self.mount_argv(spec, path, extra), timeout=timeout)
+        argv = self.mount_argv(spec, path, (*await self.extra_options(spec), *extra))
+        if self.is_fuse(spec) and scope.unavailable() is None:
+            result = await scope.run_in_scope(
+                self.host.runner, argv, unit=scope.unit_name(path),
+                slice_=self.host.config.scope_slice,
+                description=f"vdsmconn mount of {spec.connection} on {path}", timeout=timeout)
+        else:
+            result = await self.host.runner.run(argv, timeout=timeout)
         if result.rc != 0:
             raise errors.MountError(
                 f"mount of {spec.connection} failed: {_tail(result.stderr)}",
@@ -80,22 +103,19 @@ class MountConnector(Connector[MountSpec]):
 
     async def disconnect(self, spec: MountSpec, force: bool = False) -> None:
         path = self.mountpoint(spec)
-        if path in await read_mounts():
-            await self._umount(path, force)
-        if path in await read_mounts():
-            raise errors.MountError(f"{path} is still mounted after umount")
+        mount = (await read_mounts()).get(path)
+        if mount is not None:
+            outstanding = self._probes.get(path)
+            if outstanding is not None and outstanding.running and \
+                    mount.fstype.startswith("fuse"):
+                # Callers of a hung FUSE mount sleep uninterruptibly (our probe thread among
+                # them); only aborting the connection frees them.
+                await abort_fuse(self.host.runner, self.host.config, mount)
+            await unmount(self.host.runner, self.host.config, path)
         await asyncio.to_thread(_remove_dir, path)
 
     async def _umount(self, path: str, force: bool) -> None:
-        argv = [self.host.config.umount_command]
-        if force:
-            argv += ["-f", "-l"]
-        timeout = self.host.config.supervisor.command_timeout
-        result = await self.host.runner.run([*argv, path], timeout=timeout)
-        if result.rc != 0:
-            raise errors.MountError(
-                f"umount of {path} failed: {_tail(result.stderr)}", {"rc": result.rc}
-            )
+        await unmount(self.host.runner, self.host.config, path)
 
     async def probe(self, spec: MountSpec) -> None:
         path = self.mountpoint(spec)
@@ -145,6 +165,61 @@ class MountConnector(Connector[MountSpec]):
                 await self._umount(target, force=True)
             await asyncio.to_thread(_remove_dir, target)
         return f"{spec.connection} mounts read-only"
+
+
+# --- unmounting ----------------------------------------------------------------------------
+
+UMOUNT_STEP_TIMEOUT = 10.0  # at most, per step of the ladder (and never over command_timeout)
+FUSECTL = "/sys/fs/fuse/connections"
+
+
+def _not_mounted(stderr: str) -> bool:
+    return "not mounted" in stderr or "no mount point specified" in stderr
+
+
+async def unmount(runner: CommandRunner, config: Config, path: str) -> None:
+    """`umount`, then `umount -f`, then `umount -l`, each with a deadline, until `path` is no
+    longer a mount point. "not mounted" is success. A step that cannot be killed raises
+    `StuckCommand` (the key stays stuck); a ladder that ends with the mount still there
+    raises `MountError`."""
+    deadline = min(UMOUNT_STEP_TIMEOUT, config.supervisor.command_timeout)
+    last = "no step ran"
+    for flags in ((), ("-f",), ("-l",)):
+        # -c: no canonicalizing, which would stat the mount point and hang on a hung mount.
+        argv = [config.umount_command, "-c", *flags, path]
+        try:
+            result = await runner.run(argv, timeout=deadline)
+        except errors.Timeout as e:  # a StuckCommand is no Timeout: it goes up, key stuck
+            last = e.message
+            continue
+        if path not in await read_mounts():
+            log.info("UNMOUNTED path=%s by=%s", path, " ".join(argv[:-1]))
+            return
+        if result.rc != 0 and _not_mounted(result.stderr):
+            log.info("UNMOUNTED path=%s was not mounted", path)
+            return
+        last = _tail(result.stderr) if result.rc else "still mounted (another mount below?)"
+    raise errors.MountError(f"umount of {path} failed: {last}", {"path": path})
+
+
+async def abort_fuse(runner: CommandRunner, config: Config, mount: mountinfo.Mount) -> None:
+    """Abort the FUSE connection behind `mount` (fusectl), releasing every stuck caller."""
+    minor = mount.major_minor.partition(":")[2]
+    if FUSECTL not in await read_mounts():
+        await runner.run([config.mount_command, "-t", "fusectl", "fusectl", FUSECTL],
+                         timeout=min(UMOUNT_STEP_TIMEOUT, config.supervisor.command_timeout))
+    try:
+        await asyncio.to_thread(_write_abort, f"{FUSECTL}/{minor}/abort")
+    except OSError as e:
+        log.warning("ABORT fuse connection %s of %s failed: %s", minor, mount.mountpoint,
+                    e.strerror or e)
+        return
+    log.warning("ABORTED fuse connection %s of hung mount %s", minor, mount.mountpoint)
+
+
+def _write_abort(path: str) -> None:
+    with open(path, "w") as f:
+        f.write("1")
 
 
 def _remove_dir(path: str) -> None:

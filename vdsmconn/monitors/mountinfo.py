@@ -3,8 +3,8 @@
 The kernel reports `EPOLLPRI | EPOLLERR` on an open mountinfo file once the mount namespace
 changed since the last poll. The file is registered in an `epoll` whose own descriptor is
 watched by the event loop (`loop.add_reader`), so a mount or unmount wakes the loop directly
-(about a millisecond plus the debounce). A burst of changes within `debounce` seconds is
-read once.
+(about a millisecond plus the debounce). A burst of changes is read at most once per `debounce`
+seconds; a lone change at once.
 
     watcher = MountinfoWatcher()
     task = asyncio.create_task(watcher.run(on_change))   # owner cancels it to stop
@@ -52,11 +52,16 @@ class MountinfoWatcher:
             log.debug("MOUNTINFO watching %s debounce=%gs", self.path, self.debounce)
             try:
                 on_change(self._read(table))
+                last = loop.time()
                 while True:
                     await changed.wait()
-                    if self.debounce > 0:
-                        await asyncio.sleep(self.debounce)
+                    # Leading edge: a lone change is read at once, a burst at most once per
+                    # `debounce`.
+                    pause = self.debounce - (loop.time() - last)
+                    if pause > 0:
+                        await asyncio.sleep(pause)
                     changed.clear()  # a change after this wakes us again
+                    last = loop.time()
                     # Reported even when it equals the last table: a mount and its umount
                     # between two reads are a change its owner must hear of.
                     on_change(self._read(table))

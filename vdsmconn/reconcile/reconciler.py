@@ -55,13 +55,14 @@ class Reconciler:
             if self.desired.refs(key) == 0:
                 self._spawn(key, adopt=False, spec=spec)
 
-    def kick(self, key: ConnectionKey) -> None:
-        """Desired state of `key` changed, or an event concerns it: look again soon."""
+    def kick(self, key: ConnectionKey, suspect: bool = False) -> None:
+        """Desired state of `key` changed, or an event concerns it: look again soon
+        (`suspect`: an event says its connection may have changed: check it now)."""
         sup = self._supervisors.get(key)
         if sup is None:
             self._spawn(key, adopt=False)
         else:
-            sup.kick()
+            sup.kick(suspect=suspect)
 
     def on_mounts(self, mounts: dict[str, Mount]) -> None:
         """The mount table changed: wake every connected key whose mount is gone."""
@@ -74,6 +75,10 @@ class Reconciler:
             if self.connectors[spec.TYPE].present(spec) is None:
                 log.info("VANISHED key=%s", key)
                 sup.kick(suspect=True)
+
+    def on_devices(self) -> None:
+        """A block device came or went: wake every connected key whose device is gone."""
+        self.on_mounts(self.mounts)
 
     async def refresh_mounts(self, notify: bool = True) -> bool:
         """Read the mount table now (the watcher's copy may trail the host)."""

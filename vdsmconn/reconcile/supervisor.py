@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from vdsmconn import errors
 from vdsmconn.connectors.base import Connected, Connector
 from vdsmconn.host.command import StuckCommand
-from vdsmconn.model import ConnectionKey, ConnectionSpec, State
+from vdsmconn.model import ConnectionKey, ConnectionSpec, MountSpec, State
 from vdsmconn.reconcile.backoff import Backoff
 from vdsmconn.state.actual import ErrorInfo, KeyStatus
 
@@ -32,6 +32,9 @@ class Supervisor:
         self.wake = asyncio.Event()
         sup = rec.config.supervisor
         self.backoff = Backoff(sup.backoff_initial, sup.backoff_max)
+        # Recoveries of a connection that connects but keeps failing its probe (a server that
+        # hangs again at once) back off too; a probe that passes resets this.
+        self.recoveries = Backoff(sup.backoff_initial, sup.backoff_max)
         self.spec: ConnectionSpec | None = None  # what is (or may be) up on the host
         self.suspect = False  # an event says the connection may be gone: check it now
 
@@ -144,15 +147,22 @@ class Supervisor:
         woken = await self._pause(self.rec.config.supervisor.probe_interval)
         if self.rec.desired.spec_of(self.key) != spec or (woken and not self.suspect):
             return
-        self.suspect = False
-        await self._check(spec)
+        fresh, self.suspect = self.suspect, False
+        await self._check(spec, fresh)
 
-    async def _check(self, spec: ConnectionSpec) -> None:
+    async def _check(self, spec: ConnectionSpec, fresh: bool = False) -> None:
+        """Probe; `fresh`: an event just showed the host without it (no second look)."""
         connector = self._connector(spec)
+        if connector.present(spec) is None and (
+                fresh or (await self.rec.refresh_mounts(notify=False)
+                          and connector.present(spec) is None)):
+            # Gone: nothing to tear down; the loop brings it up again at once.
+            gone = errors.MountError if isinstance(spec, MountSpec) else errors.ConnectError
+            e = gone(f"{self.key} disappeared from the host")
+            log.warning("PROBE key=%s failed code=%s: %s", self.key, e.code, e.message)
+            self._set(State.FAILED, last_error=self._error(e), last_check=self.rec.clock.time())
+            return
         try:
-            if connector.present(spec) is None and await self.rec.refresh_mounts(notify=False) and \
-                    connector.present(spec) is None:
-                raise errors.MountError(f"{self.key} disappeared from the host")
             await connector.probe(spec)
         except errors.Error as e:
             state = State.STUCK if isinstance(e, errors.MountHung) else State.FAILED
@@ -160,18 +170,33 @@ class Supervisor:
             self._set(state, last_error=self._error(e), last_check=self.rec.clock.time())
             await self._recover(spec)
             return
+        self.recoveries.reset()
+        found = connector.present(spec)
+        if found is not None and found.paths is not None:  # paths may go down and come back
+            self._set(State.DEGRADED if found.degraded else State.CONNECTED,
+                      last_check=self.rec.clock.time(), **_connected_fields(found))
+            return
         status = self.status
         state = status.state if status and status.state != State.UNCERTAIN else State.CONNECTED
         self._set(state, last_check=self.rec.clock.time())
 
     async def _recover(self, spec: ConnectionSpec) -> None:
-        """Tear a broken connection down by force; the loop then brings it up again."""
+        """Tear a broken connection down by force; the loop then brings it up again: at once
+        the first time, after a growing pause when it keeps breaking right after."""
         try:
             async with self.rec.operations:
                 await self._connector(spec).disconnect(spec, force=True)
         except errors.Error as e:
             log.warning("RECOVER key=%s disconnect failed: %s", self.key, e.message)
             await self._fail(State.FAILED, e)
+            return
+        if self.recoveries.failures:
+            delay = self.recoveries.next_delay()
+            self.rec.actual.update(self.key, next_retry=self.rec.clock.time() + delay)
+            await self._pause(delay)
+            self.rec.actual.update(self.key, next_retry=None)
+        else:
+            self.recoveries.next_delay()
 
     async def _teardown(self, spec: ConnectionSpec) -> bool:
         """Disconnect; True when it is gone, False after a failure (and its backoff)."""

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from vdsmconn import errors
+from vdsmconn.model import Secret
 from vdsmconn.rpc import params
 from vdsmconn.rpc.jsonrpc import Method, Session
 from vdsmconn.service import Service
@@ -121,6 +122,21 @@ def build(service: Service) -> list[Method]:
     async def host_info(p: dict[str, Any], s: Session) -> Any:
         return service.host_info()
 
+    @_method("discoverSendTargets", ("host",), ("port", "user", "password", "ipv6_enabled"))
+    async def discover(p: dict[str, Any], s: Session) -> Any:
+        host = params.get_text(p["host"], "host", max_len=255)
+        port = params.get_int(p.get("port", 3260), "port", 1, 65535)
+        user = None if p.get("user") is None else params.get_text(p["user"], "user")
+        password = None if p.get("password") is None else Secret(
+            params.get_str(p["password"], "password"))
+        ipv6 = params.get_bool(p.get("ipv6_enabled", False), "ipv6_enabled")
+        return await service.discover(host, port, user, password, ipv6)
+
+    @_method("getConnectorInfo", (), ("refresh",))
+    async def connector_info(p: dict[str, Any], s: Session) -> Any:
+        refresh = params.get_bool(p.get("refresh", False), "refresh")
+        return await service.connector_info(refresh)
+
     @_method("subscribe", ("events",))
     async def subscribe(p: dict[str, Any], s: Session) -> Any:
         return {"events": subs.add(s, _events(p["events"]))}
@@ -129,4 +145,5 @@ def build(service: Service) -> list[Method]:
     async def unsubscribe(p: dict[str, Any], s: Session) -> Any:
         return {"events": subs.remove(s, _events(p["events"]))}
 
-    return [manage, unmanage, get_list, wait, update, test, host_info, subscribe, unsubscribe]
+    return [manage, unmanage, get_list, wait, update, test, host_info, discover,
+            connector_info, subscribe, unsubscribe]

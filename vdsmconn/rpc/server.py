@@ -1,8 +1,10 @@
-"""Transports for the JSON-RPC dispatcher: newline-delimited UTF-8 JSON over a Unix socket.
+"""Transports for the JSON-RPC dispatcher: newline-delimited UTF-8 JSON over a Unix socket
+and over TCP with TLS.
 
 `Connection` is the per-client logic (framing, limits, concurrent requests, one bounded
-outgoing queue) and knows nothing about the listener, so a TCP+TLS listener can hand its
-streams to it too. `UnixServer` owns the socket file, checks peers and caps the clients.
+outgoing queue) and knows nothing about the listener. `UnixServer` owns the socket file,
+checks peers and caps the clients; `TlsServer` (the engine's transport) accepts only clients
+whose certificate the configured CA signed, over TLS 1.2 or later.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import grp
 import logging
 import os
 import socket
+import ssl
 import stat
 import struct
 from dataclasses import dataclass
@@ -334,3 +337,100 @@ def _remove_stale_socket(path: str) -> None:
     log.info("REMOVE stale socket path=%s", path)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+
+
+# --- TCP with TLS ------------------------------------------------------------------------
+
+
+def tls_context(cert: str, key: str, ca: str) -> ssl.SSLContext:
+    """Server context: TLS 1.2+, our certificate, client certificates required and verified
+    against `ca` (the engine's CA)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_cert_chain(cert, key)
+    context.load_verify_locations(cafile=ca)
+    return context
+
+
+class TlsServer:
+    """The remote listener: TCP with TLS and required client certificates. Every client is
+    served by a `Connection`, exactly like a client of the unix socket."""
+
+    def __init__(
+        self,
+        dispatcher: jsonrpc.Dispatcher,
+        listen: str,
+        context: ssl.SSLContext,
+        *,
+        limits: Limits | None = None,
+        handshake_timeout: float = 10.0,
+    ) -> None:
+        host, _, port = listen.rpartition(":")
+        self._host, self._port = host.strip("[]"), int(port)
+        self._dispatcher = dispatcher
+        self._context = context
+        self._limits = limits or Limits()
+        self._handshake_timeout = handshake_timeout
+        self._server: asyncio.Server | None = None
+        self._clients: set[asyncio.Task[None]] = set()
+
+    @property
+    def port(self) -> int:
+        """The port listened on (the one the system chose when 0 was asked for)."""
+        if self._server is None or not self._server.sockets:
+            return self._port
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def clients(self) -> int:
+        return len(self._clients)
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._accept, self._host, self._port, ssl=self._context,
+            ssl_handshake_timeout=self._handshake_timeout, limit=self._limits.max_message,
+        )
+        log.info("LISTEN tcp=%s:%d tls=required-client-cert", self._host, self.port)
+
+    async def close(self) -> None:
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        server.close()
+        for task in self._clients:
+            task.cancel()
+        await asyncio.gather(*self._clients, return_exceptions=True)
+        await server.wait_closed()
+        log.info("CLOSED tcp=%s:%d", self._host, self._port)
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = _tls_peer(writer)
+        if self._server is None:
+            refuse(writer, peer, errors.GeneralError("Server is shutting down"))
+            return
+        if len(self._clients) >= self._limits.max_clients:
+            refuse(writer, peer, errors.GeneralError(
+                f"Too many clients (limit {self._limits.max_clients})"
+            ))
+            return
+        connection = Connection(reader, writer, self._dispatcher, self._limits, peer)
+        task = asyncio.create_task(self._serve(connection), name=f"rpc-client {peer}")
+        self._clients.add(task)
+        task.add_done_callback(self._clients.discard)
+
+    async def _serve(self, connection: Connection) -> None:
+        try:
+            await connection.serve()
+        except Exception:
+            log.exception("connection failed peer=%s", connection.peer)
+
+
+def _tls_peer(writer: asyncio.StreamWriter) -> str:
+    """"tcp=ADDR:PORT cn=NAME" of a verified client, for log lines."""
+    address = writer.get_extra_info("peername")
+    where = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+    cert = writer.get_extra_info("peercert") or {}
+    names = [value for rdn in cert.get("subject", ()) for name, value in rdn
+             if name == "commonName"]
+    return f"tcp={where} cn={names[0] if names else '?'}"

@@ -93,15 +93,15 @@ class DesiredState:
         return entry
 
     def _check_conflict(self, spec: ConnectionSpec, ignore: str | None) -> None:
-        others = [c for c in self._keys.get(spec.key, ()) if c != ignore]
-        if not others:
+        # Every CID of a key holds the same spec, so one other CID is enough (O(1)).
+        other = next((c for c in self._keys.get(spec.key, ()) if c != ignore), None)
+        if other is None:
             return
-        existing = self._cids[others[0]].spec
-        if existing != spec:
+        if self._cids[other].spec != spec:
             raise errors.ConnectionConflict(
                 f"key {spec.key} is managed with different connection parameters"
-                f" (by {others[0]!r})",
-                {"key": str(spec.key), "connectionID": others[0]},
+                f" (by {other!r})",
+                {"key": str(spec.key), "connectionID": other},
             )
 
     # --- changes --------------------------------------------------------------------------

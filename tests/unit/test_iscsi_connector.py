@@ -1,0 +1,400 @@
+"""The iSCSI connector on the fake command runner and a fake sysfs tree: exact iscsiadm argv,
+node setup before login, CHAP masked, bonds, refcounted logout, parallel logins capped."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pytest
+
+from tests.unit.test_iscsi_parse import write_session
+from vdsmconn import config, errors
+from vdsmconn.connectors.base import HostContext
+from vdsmconn.connectors.iscsi import IscsiConnector
+from vdsmconn.connectors.iscsi_discovery import discover_send_targets
+from vdsmconn.host.command import Arg, Result
+from vdsmconn.host.fakerunner import FakeRunner
+from vdsmconn.host.iscsiadm import Iscsiadm
+from vdsmconn.model import MASK, IscsiSpec, Secret
+
+IQN = "iqn.2003-01.org.vdsmconn.test:t1"
+PASSWORD = "s3cr3t-Pa55word"
+
+
+class HostRunner(FakeRunner):
+    """A fake runner whose logins and logouts change the fake sysfs like the kernel does."""
+
+    def __init__(self, sysfs: Path) -> None:
+        super().__init__()
+        self.sysfs = sysfs
+        self.sid = 0
+        self.login_rc: dict[str, int] = {}  # iface -> rc of its login
+        self.active = 0
+        self.most = 0
+
+    async def run(self, argv: Sequence[Arg], *, timeout: float, input: bytes | None = None,
+                  check: bool = False, env: Mapping[str, str] | None = None) -> Result:
+        args = [str(a) if not isinstance(a, Secret) else a.reveal() for a in argv]
+        if "--login" in args:
+            iface = args[args.index("-I") + 1]
+            rc = self.login_rc.get(iface, 0)
+            self.active += 1
+            self.most = max(self.most, self.active)
+            try:
+                await asyncio.sleep(0.01)
+            finally:
+                self.active -= 1
+            stderr = "iscsiadm: initiator reported error (20 - could not connect to iscsid)\n"
+            self.calls.append(self.calls[0].__class__(tuple(args), timeout, input, env))
+            if rc == 0:
+                self.sid += 1
+                address, port = args[args.index("-p") + 1].split(",")[0].rsplit(":", 1)
+                write_session(self.sysfs, self.sid, args[args.index("-T") + 1], address,
+                              int(port), 1, iface, disk=f"sd{chr(ord('a') + self.sid)}")
+                return Result(tuple(args), 0, "", "", 0.01)
+            return Result(tuple(args), rc, "", stderr if rc == 20 else "iscsiadm: auth\n", 0.01)
+        if "--logout" in args:
+            iface = args[args.index("-I") + 1]
+            result = await super().run(argv, timeout=timeout, input=input, check=check, env=env)
+            if result.rc == 0:
+                for session in (self.sysfs / "class" / "iscsi_session").glob("session*"):
+                    if (session / "ifacename").read_text().strip() == iface:
+                        for f in session.iterdir():
+                            if f.is_file():
+                                f.unlink()
+                        session.joinpath("ifacename").write_text("gone\n")
+            return result
+        return await super().run(argv, timeout=timeout, input=input, check=check, env=env)
+
+
+def netdev(sysfs: Path, name: str, state: str = "up") -> None:
+    d = sysfs / "class" / "net" / name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "operstate").write_text(state + "\n")
+
+
+@pytest.fixture
+def sysfs(tmp_path: Path) -> Path:
+    root = tmp_path / "sys"
+    (root / "class" / "iscsi_session").mkdir(parents=True)
+    return root
+
+
+@pytest.fixture
+def runner(sysfs: Path) -> HostRunner:
+    r = HostRunner(sysfs)
+    r.expect(["iscsiadm", "-m", "iface"], stdout="default tcp,<empty>,<empty>,<empty>,<empty>\n")
+    r.expect(["iscsiadm", "-m", "node", "-T"], prefix=True, rc=21)  # no record yet (show)
+    return r
+
+
+def make(sysfs: Path, runner: FakeRunner, parallel: int = 10) -> IscsiConnector:
+    base = config.Config()
+    cfg = dataclasses.replace(
+        base, iscsi=dataclasses.replace(base.iscsi, parallel_logins=parallel,
+                                        sysfs_root=str(sysfs)))
+    return IscsiConnector(HostContext(cfg, runner, dict))
+
+
+def expect_setup(runner: FakeRunner) -> None:
+    """Node records do not exist, every update and iface call succeeds."""
+    runner.expectations.clear()
+    runner.expect(["iscsiadm", "-m", "iface"], stdout="default tcp,<empty>,<empty>,<empty>,"
+                  "<empty>\n")
+    runner.expect(["iscsiadm", "-m", "iface", "-I"], prefix=True)
+    for tail in (["-o", "new"], ["-o", "update"], ["-o", "delete"], ["--logout"]):
+        runner.expectations.append(_Suffix(tail))  # type: ignore[arg-type]
+    runner.expect(["iscsiadm", "-m", "node", "-T"], prefix=True, rc=21)
+
+
+class _Suffix:
+    """An expectation matching node calls that carry `words` (any position)."""
+
+    def __init__(self, words: list[str]) -> None:
+        self.words = words
+        self.times = None
+        self.rc, self.stdout, self.stderr = 0, "", ""
+        self.timeout = self.stuck = False
+
+    def matches(self, argv: tuple[str, ...]) -> bool:
+        n = len(self.words)
+        return argv[:3] == ("iscsiadm", "-m", "node") and any(
+            list(argv[i:i + n]) == self.words for i in range(len(argv)))
+
+
+def spec(**fields: object) -> IscsiSpec:
+    return IscsiSpec(connection="10.77.4.2", iqn=IQN, **fields)  # type: ignore[arg-type]
+
+
+async def test_connect_sets_up_node_then_logs_in(sysfs: Path, runner: HostRunner,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    expect_setup(runner)
+    caplog.set_level(logging.DEBUG)
+    c = make(sysfs, runner)
+    s = spec(tpgt=1, user="u1", password=Secret(PASSWORD))
+    found = await c.connect(s)
+    node = ("iscsiadm", "-m", "node", "-T", IQN, "-p", "10.77.4.2:3260,1", "-I", "default")
+    upd = (*node, "-o", "update", "-n")
+    assert runner.argvs == [
+        node,  # does the record exist? (rc 21: no)
+        (*node, "-o", "new"),
+        (*upd, "node.startup", "-v", "manual"),
+        (*upd, "node.session.initial_login_retry_max", "-v", "1"),
+        (*upd, "node.conn[0].timeo.login_timeout", "-v", "15"),
+        (*upd, "node.session.auth.authmethod", "-v", "CHAP"),
+        (*upd, "node.session.auth.username", "-v", "u1"),
+        (*upd, "node.session.auth.password", "-v", PASSWORD),
+        (*node, "--login"),
+    ]
+    assert found.paths is not None and not found.degraded
+    assert [(p["iface"], p["netdev"], p["state"]) for p in found.paths] == [
+        ("default", None, "up")]
+    assert found.path == "/dev/sdb" and found.paths[0]["devices"] == ["/dev/sdb"]
+    assert c.present(s) is not None
+    # The password is in no log line (the fake runner logs nothing: mask_argv is the path).
+    assert PASSWORD not in caplog.text
+
+
+async def test_failed_login_deletes_the_record_it_created(sysfs: Path,
+                                                          runner: HostRunner) -> None:
+    expect_setup(runner)
+    runner.login_rc["default"] = 20
+    c = make(sysfs, runner)
+    with pytest.raises(errors.IscsiSetupError) as caught:
+        await c.connect(spec(tpgt=1))
+    assert "20 - could not connect to iscsid" in caught.value.message
+    node = ("iscsiadm", "-m", "node", "-T", IQN, "-p", "10.77.4.2:3260,1", "-I", "default")
+    assert runner.argvs[-2:] == [(*node, "--login"), (*node, "-o", "delete")]
+
+
+async def test_chap_rejected_is_476(sysfs: Path, runner: HostRunner) -> None:
+    expect_setup(runner)
+    runner.login_rc["default"] = 24
+    c = make(sysfs, runner)
+    with pytest.raises(errors.IscsiAuthError):
+        await c.connect(spec(user="u", password=Secret("wrong")))
+
+
+async def test_bond_one_path_per_interface_missing_skipped(sysfs: Path,
+                                                           runner: HostRunner) -> None:
+    expect_setup(runner)
+    netdev(sysfs, "eth1")
+    netdev(sysfs, "eth2")
+    c = make(sysfs, runner)
+    s = spec(netIfaceNames=("eth1", "ethX", "eth2"))
+    found = await c.connect(s)
+    assert found.paths is not None
+    assert [(p["iface"], p["netdev"], p["state"]) for p in found.paths] == [
+        ("eth1", "eth1", "up"), ("eth2", "eth2", "up")]
+    assert ("iscsiadm", "-m", "iface", "-I", "eth1", "-o", "new") in runner.argvs
+    assert ("iscsiadm", "-m", "iface", "-I", "eth1", "-o", "update", "-n",
+            "iface.net_ifacename", "-v", "eth1") in runner.argvs
+    assert not any("ethX" in argv for argv in runner.argvs)
+    # A link goes down: the path is down at once, the connection degraded.
+    netdev(sysfs, "eth2", "down")
+    assert c.link_changed("eth2", up=False) == [s.key]
+    now = c.present(s)
+    assert now is not None and now.degraded
+    assert now.paths is not None and [p["state"] for p in now.paths] == ["up", "down"]
+
+
+async def test_bond_without_any_interface_uses_default(sysfs: Path,
+                                                       runner: HostRunner) -> None:
+    expect_setup(runner)
+    c = make(sysfs, runner)
+    found = await c.connect(spec(netIfaceNames=("nope0", "nope1")))
+    assert found.paths is not None and [p["iface"] for p in found.paths] == ["default"]
+
+
+async def test_bond_some_present_all_fail_is_failed(sysfs: Path, runner: HostRunner) -> None:
+    expect_setup(runner)
+    netdev(sysfs, "eth1")
+    netdev(sysfs, "eth2")
+    runner.login_rc.update(eth1=20, eth2=20)
+    c = make(sysfs, runner)
+    with pytest.raises(errors.IscsiSetupError):
+        await c.connect(spec(netIfaceNames=("eth1", "eth2")))
+
+
+async def test_bond_one_path_failing_is_degraded(sysfs: Path, runner: HostRunner) -> None:
+    expect_setup(runner)
+    netdev(sysfs, "eth1")
+    netdev(sysfs, "eth2")
+    runner.login_rc["eth2"] = 20
+    c = make(sysfs, runner)
+    found = await c.connect(spec(netIfaceNames=("eth1", "eth2")))
+    assert found.degraded and found.paths is not None
+    down = found.paths[1]
+    assert down["state"] == "down" and down["lastError"]["code"] == 465
+
+
+async def test_iface_bound_elsewhere_is_never_rebound(sysfs: Path, runner: HostRunner) -> None:
+    expect_setup(runner)
+    runner.expectations.insert(0, runner.expectations[0].__class__(
+        ("iscsiadm", "-m", "iface"), stdout="eth1 tcp,<empty>,<empty>,eth9,<empty>\n"))
+    netdev(sysfs, "eth1")
+    c = make(sysfs, runner)
+    with pytest.raises(errors.IscsiIfaceError) as caught:
+        await c.connect(spec(netIfaceName="eth1"))
+    assert "bound to eth9" in caught.value.message
+    assert not any("update" in argv and "iface" in argv[2] for argv in runner.argvs)
+
+
+@pytest.mark.parametrize("cap", [1, 2, 4])
+async def test_parallel_logins_capped(sysfs: Path, runner: HostRunner, cap: int) -> None:
+    expect_setup(runner)
+    names = [f"eth{i}" for i in range(6)]
+    for name in names:
+        netdev(sysfs, name)
+    c = make(sysfs, runner, parallel=cap)
+    found = await c.connect(spec(netIfaceNames=tuple(names)))
+    assert found.paths is not None and len(found.paths) == 6
+    assert sum("--login" in argv for argv in runner.argvs) == 6
+    assert runner.most == cap  # reached, never passed
+
+
+async def test_two_keys_logout_only_after_the_last(sysfs: Path, runner: HostRunner) -> None:
+    expect_setup(runner)
+    c = make(sysfs, runner)
+    any_tpgt, tpgt1 = spec(), spec(tpgt=1)
+    assert any_tpgt.key != tpgt1.key
+    await c.connect(any_tpgt)
+    await c.connect(tpgt1)
+    await c.disconnect(any_tpgt)
+    assert not any("--logout" in argv for argv in runner.argvs)
+    assert c.present(tpgt1) is not None
+    await c.disconnect(tpgt1)
+    assert sum("--logout" in argv for argv in runner.argvs) == 1
+    assert runner.argvs[-1][-2:] == ("-o", "delete")
+
+
+async def test_logout_failure_is_474_and_kept(sysfs: Path, runner: HostRunner) -> None:
+    expect_setup(runner)
+    c = make(sysfs, runner)
+    s = spec()
+    await c.connect(s)
+    failing = _Suffix(["--logout"])
+    failing.rc = 10
+    runner.expectations.insert(0, failing)  # type: ignore[arg-type]
+    runner.expectations[0].stderr = "iscsiadm: Could not logout of all requested sessions\n"
+    with pytest.raises(errors.IscsiLogoutError) as caught:
+        await c.disconnect(s)
+    assert "Could not logout" in caught.value.message
+    assert c.users(s, "default") == {s.key}  # still ours: the retry logs out
+
+
+async def test_discovery_record_deleted_chap_masked_ipv6_dropped(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    runner = FakeRunner()
+    record = ["iscsiadm", "-m", "discoverydb", "-t", "sendtargets", "-p", "10.77.4.2:3260"]
+    runner.expect([*record, "--discover", "-o", "nonpersistent"],
+                  stdout="10.77.4.2:3260,1 iqn.x:a\n[fd00::2]:3260,1 iqn.x:a\n")
+    runner.expect(record, prefix=True)
+    adm = Iscsiadm(runner, 10)
+    found = await discover_send_targets(adm, "10.77.4.2", 3260, "u", Secret(PASSWORD))
+    assert found == [{"portal": "10.77.4.2:3260", "tpgt": 1, "iqn": "iqn.x:a"}]
+    assert runner.argvs[-1] == (*record, "-o", "delete")
+    assert (*record, "-o", "update", "-n", "discovery.sendtargets.auth.password", "-v",
+            PASSWORD) in runner.argvs
+    both = await discover_send_targets(adm, "10.77.4.2", 3260, ipv6_enabled=True)
+    assert [t["portal"] for t in both] == ["10.77.4.2:3260", "[fd00::2]:3260"]
+    # A failed discovery still deletes its record, and reports 476 for CHAP.
+    runner.expectations.insert(0, runner.expectations[0].__class__(
+        (*record, "--discover", "-o", "nonpersistent"), rc=19,
+        stderr="iscsiadm: Login authentication failed with target\n"))
+    with pytest.raises(errors.IscsiAuthError):
+        await discover_send_targets(adm, "10.77.4.2", 3260, "u", Secret("bad"))
+    assert runner.argvs[-1] == (*record, "-o", "delete")
+
+
+def test_secret_masked_in_logged_argv() -> None:
+    from vdsmconn.host.command import mask_argv
+
+    argv: list[str | Secret] = ["iscsiadm", "-m", "node", "-o", "update", "-n",
+                                "node.session.auth.password", "-v", Secret(PASSWORD)]
+    assert mask_argv(argv)[-1] == MASK
+    argv2 = ["iscsiadm", "-m", "node", "-o", "update", "-n", "node.session.auth.password_in",
+             "-v", PASSWORD]
+    assert PASSWORD not in " ".join(mask_argv(argv2))
+
+
+async def test_rp_filter_loosened_off_route_and_restored(sysfs: Path,
+                                                         runner: HostRunner) -> None:
+    expect_setup(runner)
+    runner.expect(["ip", "-o", "route", "get", "10.77.4.2"],
+                  stdout="10.77.4.2 dev eth1 src 10.77.4.1 uid 0 \\    cache \n")
+    for name in ("eth1", "eth2"):
+        netdev(sysfs, name)
+        conf = sysfs / "proc-net-conf" / name
+        conf.mkdir(parents=True)
+        (conf / "rp_filter").write_text("1\n")
+    c = make(sysfs, runner)
+    s = spec(netIfaceNames=("eth1", "eth2"))
+    await c.connect(s)
+    # eth1 is the route to the portal: left strict; eth2 is not: loose while used.
+    assert (sysfs / "proc-net-conf" / "eth1" / "rp_filter").read_text().strip() == "1"
+    assert (sysfs / "proc-net-conf" / "eth2" / "rp_filter").read_text().strip() == "2"
+    await c.disconnect(s)
+    assert (sysfs / "proc-net-conf" / "eth2" / "rp_filter").read_text().strip() == "1"
+
+
+async def test_probe_logs_missing_path_in_again_without_setup(sysfs: Path,
+                                                              runner: HostRunner) -> None:
+    expect_setup(runner)
+    netdev(sysfs, "eth1")
+    netdev(sysfs, "eth2")
+    c = make(sysfs, runner)
+    s = spec(netIfaceNames=("eth1", "eth2"))
+    await c.connect(s)
+    session = next(p for p in (sysfs / "class" / "iscsi_session").iterdir()
+                   if (p / "ifacename").read_text().strip() == "eth2")
+    (session / "targetname").unlink()  # the session is gone
+    now = c.present(s)
+    assert now is not None and now.degraded
+    calls = len(runner.argvs)
+    netdev(sysfs, "eth1", "down")  # a path whose link is down is not logged in
+    (next(p for p in (sysfs / "class" / "iscsi_session").iterdir()
+          if (p / "ifacename").read_text().strip() == "eth1") / "targetname").unlink()
+    await c.probe(s)
+    node = ("iscsiadm", "-m", "node", "-T", IQN, "-p", "10.77.4.2:3260", "-I", "eth2")
+    assert runner.argvs[calls:] == [(*node, "--login")]  # set up already: the login alone
+    after = c.present(s)
+    assert after is not None and after.paths is not None
+    assert [p["state"] for p in after.paths] == ["down", "up"]
+
+
+async def test_session_failed_beyond_probe_timeout_is_logged_out_and_in(
+        sysfs: Path, runner: HostRunner) -> None:
+    expect_setup(runner)
+    base = config.Config()
+    cfg = dataclasses.replace(
+        base, iscsi=dataclasses.replace(base.iscsi, sysfs_root=str(sysfs)),
+        supervisor=dataclasses.replace(base.supervisor, probe_timeout=0.05))
+    c = IscsiConnector(HostContext(cfg, runner, dict))
+    s = spec()
+    await c.connect(s)
+    state = sysfs / "class" / "iscsi_session" / "session1" / "state"
+    state.write_text("FAILED\n")
+    with pytest.raises(errors.IscsiSetupError, match="no path"):
+        await c.probe(s)  # first seen FAILED: left to iscsid's recovery for now
+    assert not any("--logout" in argv for argv in runner.argvs)
+    await asyncio.sleep(0.1)
+    await c.probe(s)  # FAILED beyond probe_timeout: logged out and in again
+    assert [argv[-1] for argv in runner.argvs[-2:]] == ["--logout", "--login"]
+    found = c.present(s)
+    assert found is not None and not found.degraded
+
+
+async def test_unmanaged_sessions_are_listed(sysfs: Path, runner: HostRunner) -> None:
+    expect_setup(runner)
+    c = make(sysfs, runner)
+    s = spec()
+    await c.connect(s)
+    write_session(sysfs, 7, "iqn.2003-01.org.other:t9", "10.9.9.9", 3260, 1, "default")
+    assert [(x.sid, x.iqn) for x in c.unmanaged([s])] == [(7, "iqn.2003-01.org.other:t9")]
+    assert {x.sid for x in c.unmanaged([])} == {1, 7}

@@ -1,0 +1,92 @@
+"""The iSCSI connector under the real reconciler (fake runner, fake sysfs, fake clock): a bond
+with one path failing is `degraded` with that path's error; CHAP rejected is 476, retried
+with growing nextRetry; unmanage logs out."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tests.unit.test_iscsi_connector import IQN, HostRunner, expect_setup, netdev
+from vdsmconn import config
+from vdsmconn.clock import FakeClock
+from vdsmconn.connectors.base import HostContext
+from vdsmconn.connectors.iscsi import IscsiConnector
+from vdsmconn.model import IscsiSpec, Secret, State
+from vdsmconn.reconcile.reconciler import Reconciler
+from vdsmconn.state.actual import ActualState
+from vdsmconn.state.desired import DesiredState
+
+
+async def until(check: Callable[[], Any]) -> None:
+    async with asyncio.timeout(5):
+        while not check():  # noqa: ASYNC110 - the supervisor runs in between
+            await asyncio.sleep(0.001)
+
+
+def world(sysfs: Path, runner: HostRunner) -> tuple[Reconciler, FakeClock]:
+    base = config.Config()
+    cfg = dataclasses.replace(
+        base, iscsi=dataclasses.replace(base.iscsi, sysfs_root=str(sysfs)),
+        supervisor=dataclasses.replace(base.supervisor, backoff_initial=1.0, backoff_max=30.0,
+                                       probe_interval=30.0))
+    clock = FakeClock()
+    table: dict[str, Any] = {"iscsi": IscsiConnector(HostContext(cfg, runner, dict))}
+    return Reconciler(cfg, DesiredState(), ActualState(), table, clock), clock
+
+
+async def test_bond_with_a_failing_path_is_degraded(tmp_path: Path) -> None:
+    sysfs = tmp_path / "sys"
+    (sysfs / "class" / "iscsi_session").mkdir(parents=True)
+    runner = HostRunner(sysfs)
+    expect_setup(runner)
+    netdev(sysfs, "eth1")
+    netdev(sysfs, "eth2")
+    runner.login_rc["eth2"] = 20
+    rec, _ = world(sysfs, runner)
+    spec = IscsiSpec(connection="10.77.4.2", iqn=IQN, netIfaceNames=("eth1", "eth2"))
+    try:
+        rec.desired.apply_put("c", spec)
+        rec.kick(spec.key)
+        await until(lambda: (st := rec.actual.get(spec.key)) is not None
+                    and st.state == State.DEGRADED)
+        st = rec.actual.get(spec.key)
+        assert st is not None and st.connected and st.paths is not None
+        assert [(p["iface"], p["state"]) for p in st.paths] == [("eth1", "up"), ("eth2", "down")]
+        assert st.paths[1]["lastError"]["code"] == 465
+        assert "could not connect to iscsid" in st.paths[1]["lastError"]["message"]
+        rec.desired.apply_delete("c")
+        rec.kick(spec.key)
+        await until(lambda: rec.actual.get(spec.key) is None)
+        assert sum("--logout" in argv for argv in runner.argvs) == 1  # eth2 had no session
+    finally:
+        await rec.close()
+
+
+async def test_chap_rejected_is_476_retried_with_growing_next_retry(tmp_path: Path) -> None:
+    sysfs = tmp_path / "sys"
+    (sysfs / "class" / "iscsi_session").mkdir(parents=True)
+    runner = HostRunner(sysfs)
+    expect_setup(runner)
+    runner.login_rc["default"] = 24
+    rec, clock = world(sysfs, runner)
+    spec = IscsiSpec(connection="10.77.4.2", iqn=IQN, user="u", password=Secret("bad-one"))
+    try:
+        rec.desired.apply_put("c", spec)
+        rec.kick(spec.key)
+        delays = []
+        for attempt in (1, 2, 3, 4):
+            await until(lambda a=attempt: (st := rec.actual.get(spec.key)) is not None  # type: ignore[misc]
+                        and st.attempts == a and st.next_retry is not None)
+            st = rec.actual.get(spec.key)
+            assert st is not None and st.state == State.FAILED and st.last_error is not None
+            assert st.last_error.code == 476 and st.next_retry is not None
+            delays.append(st.next_retry - clock.time())
+            await clock.advance(delays[-1])
+        assert delays == sorted(delays) and delays[-1] > 2 * delays[0], delays
+        assert sum("--login" in argv for argv in runner.argvs) >= 4
+    finally:
+        await rec.close()

@@ -1,0 +1,204 @@
+"""The paths of an iSCSI connection: which iscsiadm iface and network device each one uses,
+how a path's session is found, and what the status shows of it.
+
+An iSCSI bond (`netIfaceNames`) is one path per network interface, each through an iface of
+the same name bound with `iface.net_ifacename`; interfaces missing on this host are skipped,
+and when none is present the default iface is used. `netIfaceName` is one such path;
+`ifaceName` names the iface to use (bound to `netIfaceName` when that is given too).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from vdsmconn import errors
+from vdsmconn.host.command import CommandRunner
+from vdsmconn.host.iscsi_parse import Session
+from vdsmconn.model import IscsiSpec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_IFACE = "default"
+LINK_DOWN_STATES = ("down", "lowerlayerdown", "notpresent", "dormant")
+UP, DOWN = "up", "down"
+
+
+@dataclass(frozen=True)
+class PathPlan:
+    iface: str
+    netdev: str | None = None
+
+
+@dataclass
+class PathStatus:
+    """What the status shows of one path (`paths` entries)."""
+
+    iface: str
+    netdev: str | None
+    state: str = DOWN
+    last_error: errors.Error | None = None
+    error_time: float | None = None
+    session: int | None = None
+    devices: tuple[str, ...] = field(default_factory=tuple)
+
+    def fail(self, e: errors.Error) -> None:
+        self.state = DOWN
+        self.last_error = e
+        self.error_time = time.time()
+
+    def to_wire(self) -> dict[str, Any]:
+        error = None
+        if self.last_error is not None:
+            error = {"code": self.last_error.code, "message": self.last_error.message,
+                     "time": self.error_time}
+        return {"iface": self.iface, "netdev": self.netdev, "state": self.state,
+                "lastError": error, "session": self.session,
+                "devices": [f"/dev/{d}" for d in self.devices]}
+
+
+def netdev_exists(name: str, sysfs: str) -> bool:
+    return os.path.exists(os.path.join(sysfs, "class", "net", name))
+
+
+def netdev_up(name: str | None, sysfs: str) -> bool:
+    """Whether a path's network device can carry traffic (the default iface: assumed)."""
+    if name is None:
+        return True
+    try:
+        with open(os.path.join(sysfs, "class", "net", name, "operstate")) as f:
+            state = f.read().strip()
+    except OSError:
+        return False
+    return state not in LINK_DOWN_STATES
+
+
+def plan_paths(spec: IscsiSpec, sysfs: str) -> list[PathPlan]:
+    if spec.netIfaceNames:
+        present = [n for n in spec.netIfaceNames if netdev_exists(n, sysfs)]
+        missing = [n for n in spec.netIfaceNames if n not in present]
+        if missing:
+            log.info("ISCSI key=%s interfaces not on this host, skipped: %s", spec.key,
+                     ",".join(missing))
+        if not present:
+            return [PathPlan(DEFAULT_IFACE)]
+        return [PathPlan(n, n) for n in present]
+    if spec.ifaceName:
+        return [PathPlan(spec.ifaceName, spec.netIfaceName)]
+    if spec.netIfaceName:
+        if netdev_exists(spec.netIfaceName, sysfs):
+            return [PathPlan(spec.netIfaceName, spec.netIfaceName)]
+        log.info("ISCSI key=%s interface %s not on this host, default iface used", spec.key,
+                 spec.netIfaceName)
+    return [PathPlan(DEFAULT_IFACE)]
+
+
+def node_portal(spec: IscsiSpec, address: str, tpgt: bool = True) -> str:
+    """The `-p` of the node record: `ip:port,tpgt`, or `ip:port` when any tpgt will do
+    (or `tpgt=False`: logout and delete match the portal whatever its tpgt)."""
+    host = f"[{address}]" if ":" in address else address
+    portal = f"{host}:{spec.port}"
+    return portal if spec.tpgt is None or not tpgt else f"{portal},{spec.tpgt}"
+
+
+def same_address(a: str, b: str) -> bool:
+    return a.strip("[]").lower() == b.strip("[]").lower()
+
+
+def session_of(sessions: list[Session], spec: IscsiSpec, address: str,
+               iface: str) -> Session | None:
+    """The session of one path; a logged-in one first if there are several."""
+    found = [
+        s for s in sessions
+        if s.iqn == spec.iqn and same_address(s.address, address) and s.port == spec.port
+        and (spec.tpgt is None or s.tpgt == spec.tpgt) and s.iface == iface
+    ]
+    found.sort(key=lambda s: not s.logged_in)
+    return found[0] if found else None
+
+
+SessionRef = tuple[str, str, int, str]  # iqn, address, port, iface
+
+
+def session_ref(spec: IscsiSpec, address: str, iface: str) -> SessionRef:
+    return (spec.iqn, address.strip("[]").lower(), spec.port, iface)
+
+
+def best_error(failures: list[errors.Error]) -> errors.Error:
+    """The error to report when every path failed: CHAP and iface problems say the most."""
+    for kind in (errors.IscsiAuthError, errors.IscsiIfaceError):
+        for e in failures:
+            if isinstance(e, kind):
+                return e
+    return failures[0]
+
+
+PROC_CONF = "/proc/sys/net/ipv4/conf"
+RP_STRICT, RP_LOOSE = "1", "2"
+
+
+class RpFilter:
+    """Reverse-path filtering of bond interfaces that are not the route to the portal.
+
+    Replies of a portal reached through such an interface arrive where the kernel's best
+    route to the portal does not lead, and strict `rp_filter` drops them: it is set loose
+    while a session uses the interface, and restored when none does.
+    """
+
+    def __init__(self, runner: CommandRunner, timeout: float, conf: str = PROC_CONF) -> None:
+        self.runner = runner
+        self.timeout = timeout
+        self.conf = conf
+        self.saved: dict[str, str] = {}
+
+    def _path(self, netdev: str) -> str:
+        return os.path.join(self.conf, netdev, "rp_filter")
+
+    async def route_dev(self, address: str) -> str | None:
+        result = await self.runner.run(["ip", "-o", "route", "get", address],
+                                       timeout=self.timeout)
+        words = result.stdout.split()
+        return words[words.index("dev") + 1] if result.rc == 0 and "dev" in words else None
+
+    async def loosen(self, netdev: str, address: str) -> None:
+        path = self._path(netdev)
+        if netdev in self.saved or ":" in address or not _exists(path):
+            return
+        if await self.route_dev(address) == netdev:
+            return
+        value = _swap(path, RP_STRICT, RP_LOOSE)
+        if value is None:
+            return
+        self.saved[netdev] = value
+        log.info("RP_FILTER netdev=%s %s->%s (not the route to %s)", netdev, value, RP_LOOSE,
+                 address)
+
+    def restore(self, netdev: str) -> None:
+        value = self.saved.pop(netdev, None)
+        if value is None:
+            return
+        try:
+            with open(self._path(netdev), "w") as f:
+                f.write(value)
+        except OSError as e:  # the interface is gone: nothing left to restore
+            log.info("RP_FILTER netdev=%s not restored: %s", netdev, e.strerror)
+            return
+        log.info("RP_FILTER netdev=%s restored to %s", netdev, value)
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path)  # /proc: answers at once
+
+
+def _swap(path: str, old: str, new: str) -> str | None:
+    """Write `new` if the file holds `old`; the old value, or None if left alone."""
+    with open(path) as f:
+        value = f.read().strip()
+    if value != old:
+        return None
+    with open(path, "w") as f:
+        f.write(new)
+    return value
