@@ -124,3 +124,22 @@ def test_corrupt_database_refuses_start_and_touches_no_mount(daemon: Daemon) -> 
     assert str(db) in proc.stderr
     after = mounted(path)
     assert before is not None and after is not None and after.mount_id == before.mount_id
+
+
+def test_restart_during_outage_keeps_retrying_and_recovers(daemon: Daemon,
+                                                           tmp_path: Path) -> None:
+    data = tmp_path / "export"
+    data.mkdir()
+    daemon.call("manageStorageServer", connectionID="o", connection=f"localfs://{data}")
+    daemon.call("waitStorageServer", connectionIDs=["o"], timeout=20)
+    data.rename(tmp_path / "export-away")  # the storage goes away
+    daemon.wait_error("o", 451)
+    daemon.kill9()
+    daemon.start()
+    status = daemon.wait_attempts("o", 2)
+    assert status["state"] in ("failed", "connecting") and not status["connected"]
+    (tmp_path / "export-away").rename(data)  # and comes back
+    status = daemon.call("waitStorageServer", connectionIDs=["o"], timeout=30)["o"]
+    assert status["connected"] and os.readlink(status["path"]) == str(data)
+    daemon.call("unmanageStorageServer", connectionID="o")
+    daemon.wait_gone(status["path"])
