@@ -320,21 +320,23 @@ class Service:
             "pid": os.getpid(),
             "uptime": round(self.clock.time() - self.started, 3),
             "mountRoot": self.config.mount_root,
-            "backends": self._backends(),
-            "fuseScope": scope.describe(self.config.scope_slice),
+            "backends": {k: v for k, v in self._backends().items() if k != "fuseScope"},
+            "fuseScope": self._backends()["fuseScope"],
             "connectionIDs": len(self.desired),
             "keys": len(self.desired.all_keys()),
             "states": counts,
         }
 
     def _backends(self) -> dict[str, Any]:
-        """Backend availability (PATH lookups, stat calls), worked out at most every 10 s."""
+        """Backend availability and FUSE scopes (PATH lookups, stat calls), worked out at
+        most every 10 s."""
         now = self.clock.monotonic()
         if self._backends_cache is None or now - self._backends_cache[0] > BACKENDS_TTL:
             table = {}
             for name, connector in self.connectors.items():
                 reason = connector.available()
                 table[name] = {"available": reason is None, "reason": reason}
+            table["fuseScope"] = scope.describe(self.config.scope_slice)
             self._backends_cache = (now, table)
         return self._backends_cache[1]
 
