@@ -193,7 +193,59 @@ def refuse(writer: asyncio.StreamWriter, peer: str, error: errors.Error) -> None
     writer.close()
 
 
-class UnixServer:
+class _Listener:
+    """What every transport shares: admitting clients, serving each with a `Connection`,
+    dropping them all on close."""
+
+    def __init__(self, dispatcher: jsonrpc.Dispatcher, limits: Limits | None) -> None:
+        self._dispatcher = dispatcher
+        self._limits = limits or Limits()
+        self._server: asyncio.Server | None = None
+        self._clients: set[asyncio.Task[None]] = set()
+
+    @property
+    def clients(self) -> int:
+        """Number of clients being served now."""
+        return len(self._clients)
+
+    def _admit(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str,
+               denied: str | None = None) -> None:
+        """Serve a new client, or refuse it with one error line (`denied`: why not)."""
+        if self._server is None:
+            refuse(writer, peer, errors.GeneralError("Server is shutting down"))
+            return
+        if denied is not None:
+            refuse(writer, peer, errors.GeneralError(f"Permission denied: {denied}"))
+            return
+        if len(self._clients) >= self._limits.max_clients:
+            refuse(writer, peer, errors.GeneralError(
+                f"Too many clients (limit {self._limits.max_clients})"
+            ))
+            return
+        connection = Connection(reader, writer, self._dispatcher, self._limits, peer)
+        task = asyncio.create_task(self._serve(connection), name=f"rpc-client {peer}")
+        self._clients.add(task)
+        task.add_done_callback(self._clients.discard)
+
+    async def _serve(self, connection: Connection) -> None:
+        try:
+            await connection.serve()
+        except Exception:
+            log.exception("connection failed peer=%s", connection.peer)
+
+    async def _stop(self) -> None:
+        """Stop listening, drop every client and wait for their tasks."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        server.close()
+        for task in self._clients:
+            task.cancel()
+        await asyncio.gather(*self._clients, return_exceptions=True)
+        await server.wait_closed()
+
+
+class UnixServer(_Listener):
     """The local listener: a Unix stream socket with mode `mode` and group `group`. Peers
     are root, the daemon's own user, or members of the group (the daemon's group if None)."""
 
@@ -206,24 +258,16 @@ class UnixServer:
         mode: int = 0o660,
         limits: Limits | None = None,
     ) -> None:
-        self._dispatcher = dispatcher
+        super().__init__(dispatcher, limits)
         self._path = path
         self._group = group
         self._mode = mode
-        self._limits = limits or Limits()
         self._gid = os.getegid()
-        self._server: asyncio.Server | None = None
         self._inode: int | None = None
-        self._clients: set[asyncio.Task[None]] = set()
 
     @property
     def path(self) -> str:
         return self._path
-
-    @property
-    def clients(self) -> int:
-        """Number of clients being served now."""
-        return len(self._clients)
 
     async def start(self) -> None:
         if self._group is not None:
@@ -254,12 +298,7 @@ class UnixServer:
         """Stop listening, drop every client and wait for their tasks; remove the socket."""
         if self._server is None:
             return
-        server, self._server = self._server, None
-        server.close()
-        for task in self._clients:
-            task.cancel()
-        await asyncio.gather(*self._clients, return_exceptions=True)
-        await server.wait_closed()
+        await self._stop()
         with contextlib.suppress(FileNotFoundError):
             if os.stat(self._path).st_ino == self._inode:
                 os.unlink(self._path)
@@ -267,29 +306,7 @@ class UnixServer:
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         pid, uid, gid = _peer_credentials(writer)
-        peer = f"pid={pid} uid={uid}"
-        if self._server is None:
-            refuse(writer, peer, errors.GeneralError("Server is shutting down"))
-            return
-        reason = self._check_peer(pid, uid, gid)
-        if reason is not None:
-            refuse(writer, peer, errors.GeneralError(f"Permission denied: {reason}"))
-            return
-        if len(self._clients) >= self._limits.max_clients:
-            refuse(writer, peer, errors.GeneralError(
-                f"Too many clients (limit {self._limits.max_clients})"
-            ))
-            return
-        connection = Connection(reader, writer, self._dispatcher, self._limits, peer)
-        task = asyncio.create_task(self._serve(connection), name=f"rpc-client {peer}")
-        self._clients.add(task)
-        task.add_done_callback(self._clients.discard)
-
-    async def _serve(self, connection: Connection) -> None:
-        try:
-            await connection.serve()
-        except Exception:
-            log.exception("connection failed peer=%s", connection.peer)
+        self._admit(reader, writer, f"pid={pid} uid={uid}", self._check_peer(pid, uid, gid))
 
     def _check_peer(self, pid: int, uid: int, gid: int) -> str | None:
         """None if the peer may use the daemon, else why not."""
@@ -353,7 +370,7 @@ def tls_context(cert: str, key: str, ca: str) -> ssl.SSLContext:
     return context
 
 
-class TlsServer:
+class TlsServer(_Listener):
     """The remote listener: TCP with TLS and required client certificates. Every client is
     served by a `Connection`, exactly like a client of the unix socket."""
 
@@ -366,14 +383,11 @@ class TlsServer:
         limits: Limits | None = None,
         handshake_timeout: float = 10.0,
     ) -> None:
+        super().__init__(dispatcher, limits)
         host, _, port = listen.rpartition(":")
         self._host, self._port = host.strip("[]"), int(port)
-        self._dispatcher = dispatcher
         self._context = context
-        self._limits = limits or Limits()
         self._handshake_timeout = handshake_timeout
-        self._server: asyncio.Server | None = None
-        self._clients: set[asyncio.Task[None]] = set()
 
     @property
     def port(self) -> int:
@@ -381,10 +395,6 @@ class TlsServer:
         if self._server is None or not self._server.sockets:
             return self._port
         return int(self._server.sockets[0].getsockname()[1])
-
-    @property
-    def clients(self) -> int:
-        return len(self._clients)
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
@@ -396,34 +406,11 @@ class TlsServer:
     async def close(self) -> None:
         if self._server is None:
             return
-        server, self._server = self._server, None
-        server.close()
-        for task in self._clients:
-            task.cancel()
-        await asyncio.gather(*self._clients, return_exceptions=True)
-        await server.wait_closed()
+        await self._stop()
         log.info("CLOSED tcp=%s:%d", self._host, self._port)
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = _tls_peer(writer)
-        if self._server is None:
-            refuse(writer, peer, errors.GeneralError("Server is shutting down"))
-            return
-        if len(self._clients) >= self._limits.max_clients:
-            refuse(writer, peer, errors.GeneralError(
-                f"Too many clients (limit {self._limits.max_clients})"
-            ))
-            return
-        connection = Connection(reader, writer, self._dispatcher, self._limits, peer)
-        task = asyncio.create_task(self._serve(connection), name=f"rpc-client {peer}")
-        self._clients.add(task)
-        task.add_done_callback(self._clients.discard)
-
-    async def _serve(self, connection: Connection) -> None:
-        try:
-            await connection.serve()
-        except Exception:
-            log.exception("connection failed peer=%s", connection.peer)
+        self._admit(reader, writer, _tls_peer(writer))
 
 
 def _tls_peer(writer: asyncio.StreamWriter) -> str:
