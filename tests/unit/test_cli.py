@@ -308,13 +308,6 @@ def test_refused_socket_exits_3(sockdir: str, capsys: pytest.CaptureFixture[str]
     assert "Connection refused" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root connects regardless of socket mode")
-def test_permission_denied_exits_3(daemon: FakeDaemon, capsys: pytest.CaptureFixture[str]) -> None:
-    os.chmod(daemon.path, 0)
-    assert cli.main(["info"]) == 3
-    assert "Permission denied" in capsys.readouterr().err
-
-
 def test_no_reply_within_timeout_exits_3(
     daemon: FakeDaemon, capsys: pytest.CaptureFixture[str]
 ) -> None:
