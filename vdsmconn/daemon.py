@@ -143,7 +143,7 @@ class Daemon:
                 log.info("STOPPING: connections stay as they are")
                 raise _Stop
         except* _Stop:
-            pass
+            log.debug("task group ended by the stop signal")
         finally:
             if status is not None:
                 status.close()

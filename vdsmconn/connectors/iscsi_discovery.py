@@ -93,7 +93,7 @@ def initiator_name(spec: IscsiSpec) -> str:
                 if sep and name == "InitiatorName" and value:
                     return value
     except OSError:
-        pass
+        return FALLBACK_INITIATOR  # no initiator file: open-iscsi not set up here
     return FALLBACK_INITIATOR
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from vdsmconn import errors
 from vdsmconn.connectors.base import Connected, Connector, StepLog
 from vdsmconn.host import probe
+from vdsmconn.host.links import make_link, remove_link
 from vdsmconn.model import LocalSpec
 
 
@@ -51,11 +52,11 @@ class LocalConnector(Connector[LocalSpec]):
     async def connect(self, spec: LocalSpec) -> Connected:
         await self._check(spec)
         link = self.link(spec)
-        await asyncio.to_thread(_make_link, spec.connection, link)
+        await asyncio.to_thread(make_link, spec.connection, link)
         return Connected(path=link)
 
     async def disconnect(self, spec: LocalSpec, force: bool = False) -> None:
-        await asyncio.to_thread(_remove_link, spec.connection, self.link(spec))
+        await asyncio.to_thread(remove_link, self.link(spec), spec.connection)
 
     async def probe(self, spec: LocalSpec) -> None:
         if self.present(spec) is None:
@@ -71,33 +72,6 @@ class LocalConnector(Connector[LocalSpec]):
 
         await log.run("directory", directory)
         return log
-
-
-def _make_link(target: str, link: str) -> None:
-    os.makedirs(os.path.dirname(link), 0o755, exist_ok=True)
-    try:
-        current = os.readlink(link)
-    except FileNotFoundError:
-        current = None
-    except OSError as e:
-        raise errors.ConnectError(f"{link} exists and is not a link") from e
-    if current == target:
-        return
-    tmp = f"{link}.vdsmconn-tmp"
-    if os.path.lexists(tmp):
-        os.unlink(tmp)
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
-
-
-def _remove_link(target: str, link: str) -> None:
-    try:
-        if os.readlink(link) == target:
-            os.unlink(link)
-    except FileNotFoundError:
-        return
-    except OSError as e:
-        raise errors.DisconnectError(f"{link} is not a link: {e.strerror}") from e
 
 
 def foreign_links(mount_root: str, known: set[str]) -> list[dict[str, Any]]:

@@ -32,6 +32,7 @@ from vdsmconn.connectors.base import Connected, Connector, HostContext, StepLog
 from vdsmconn.host import probe
 from vdsmconn.host.brick_helper import scrub, secret_values
 from vdsmconn.host.command import StuckCommand, tail
+from vdsmconn.host.links import make_link, remove_link
 from vdsmconn.model import ManagedSpec, mask_secrets
 from vdsmconn.state.store import DeleteAttachment, PutAttachment
 
@@ -378,28 +379,3 @@ def read_sector(path: str) -> None:
                 raise OSError(0, "no data (the device is empty or gone)")
     finally:
         os.close(fd)
-
-
-def make_link(target: str, link: str) -> None:
-    os.makedirs(os.path.dirname(link), 0o755, exist_ok=True)
-    try:
-        if os.readlink(link) == target:
-            return
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise errors.ConnectError(f"{link} exists and is not a link") from e
-    tmp = f"{link}.vdsmconn-tmp"
-    if os.path.lexists(tmp):
-        os.unlink(tmp)
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
-
-
-def remove_link(link: str) -> None:
-    try:
-        os.unlink(link)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise errors.DisconnectError(f"cannot remove {link}: {e.strerror}") from e

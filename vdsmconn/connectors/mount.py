@@ -227,7 +227,7 @@ def _remove_dir(path: str) -> None:
     try:
         os.rmdir(path)
     except FileNotFoundError:
-        pass
+        return
     except OSError as e:
         if e.errno not in (errno.ENOTEMPTY, errno.EBUSY):
             raise

@@ -22,6 +22,7 @@ Anything os-brick or its children print goes to stderr; stdout carries the reply
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -34,7 +35,7 @@ OPS = ("connect", "disconnect", "connector_info")
 
 
 class BadRequest(Exception):
-    pass
+    """The request on stdin is not one this helper understands."""
 
 
 def secret_values(value: Any, named: bool = False) -> list[str]:
@@ -61,13 +62,11 @@ def scrub(text: str, secrets: list[str]) -> str:
 
 def my_ip() -> str:
     """The source address this host would use toward the outside (no packet is sent)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("192.0.2.1", 9))  # TEST-NET-1
-            address: str = s.getsockname()[0]
-            return address
-        except OSError:
-            pass
+    # No route: fall back to the host name below.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s, contextlib.suppress(OSError):
+        s.connect(("192.0.2.1", 9))  # TEST-NET-1
+        address: str = s.getsockname()[0]
+        return address
     try:
         return socket.gethostbyname(socket.gethostname())
     except OSError:
@@ -110,7 +109,7 @@ def _connector(request: dict[str, Any]) -> Any:
 
 
 class Unsupported(Exception):
-    pass
+    """os-brick has no connector for this protocol, or it returned no block device."""
 
 
 def handle(request: dict[str, Any]) -> Any:
@@ -172,12 +171,10 @@ def serve(raw: str) -> dict[str, Any]:
 
 def _failure(kind: str, e: BaseException, secrets: list[str]) -> dict[str, Any]:
     message = str(e) or type(e).__name__
-    try:
+    with contextlib.suppress(ImportError):  # without oslo, scrub() below still masks
         from oslo_utils import strutils
 
         message = strutils.mask_password(message, secret=MASK)
-    except ImportError:
-        pass
     return {"ok": False, "kind": kind, "error": type(e).__name__,
             "message": scrub(message, secrets)}
 

@@ -8,6 +8,7 @@ here before a handler runs, so a bug inside a method is never reported as "inval
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable
@@ -215,10 +216,8 @@ def _with_id(body: bytes, request_id: Any) -> bytes:
 def _dumps(value: Any) -> bytes:
     # orjson encodes a 10,000-CID list reply in a sixteenth of json's time (docs/performance.md);
     # what it refuses (integers beyond 64 bits, lone surrogates) takes the path below.
-    try:
+    with contextlib.suppress(TypeError, orjson.JSONEncodeError):
         return orjson.dumps(value)
-    except (TypeError, orjson.JSONEncodeError):
-        pass
     text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     try:
         return text.encode("utf-8")
