@@ -8,11 +8,12 @@ PIP_EXTRAS="[test]"
 # nfs-ganesha and rpcbind serve NFS, glusterd a volume, from network namespaces; dbus-daemon
 # is a private bus for the systemd scope tests; open-iscsi gives os-brick its iscsiadm;
 # prometheus brings promtool and a real server to scrape the daemon; tgt and libiscsi-bin
-# are an iSCSI target and a userspace initiator for the iSCSI tests on this kernel.
+# are an iSCSI target and a userspace initiator for the iSCSI tests on this kernel; lvm2
+# reads volume groups on loop devices (block storage domains).
 EXTRA_APT_PACKAGES="qemu-system-x86 qemu-utils debootstrap dpkg apt ca-certificates
     debian-archive-keyring nfs-common nfs-ganesha nfs-ganesha-vfs rpcbind nftables
     glusterfs-server glusterfs-client fuse3 dbus-daemon iproute2 open-iscsi
-    prometheus openssl systemd tgt libiscsi-bin"
+    prometheus openssl systemd tgt libiscsi-bin lvm2"
 . "$(dirname "$0")/setup-env.sh"
 .venv/bin/ruff check .
 .venv/bin/mypy

@@ -88,6 +88,7 @@ class Config:
     mount_command: str = "mount"
     umount_command: str = "umount"
     gluster_command: str = "gluster"
+    lvm_command: str = "lvm"  # vgs/lvs for block storage domains (getStorageDomainList)
     scope_slice: str = "vdsmconn.slice"
     rpc: RpcConfig = field(default_factory=RpcConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -113,6 +114,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "supervisor.probe_interval": _POSITIVE,
     "supervisor.probe_timeout": _POSITIVE,
     "supervisor.command_timeout": _POSITIVE,
+    "lvm_command": (lambda v: bool(v.strip()), "a command"),
     "iscsi.parallel_logins": (lambda v: 1 <= v <= 256, "an integer from 1 to 256"),
     "iscsi.login_retries": (lambda v: 0 <= v <= 100, "an integer from 0 to 100"),
     "iscsi.login_timeout": (lambda v: 1 <= v <= 3600, "an integer from 1 to 3600"),

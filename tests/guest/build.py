@@ -42,7 +42,7 @@ PACKAGES = (
     "systemd-sysv", "udev", "dbus", "iproute2", "kmod", "nfs-kernel-server", "nfs-common",
     "open-iscsi", "targetcli-fb", "multipath-tools", "glusterfs-server", "glusterfs-client",
     "python3", "python3-yaml", "python3-pytest", "python3-pytest-asyncio", "util-linux",
-    "e2fsprogs", "xfsprogs", "procps",
+    "e2fsprogs", "xfsprogs", "procps", "lvm2",
 )  # fmt: skip
 
 # Modules the initrd loads (with their dependencies) before it can mount the root disk.
