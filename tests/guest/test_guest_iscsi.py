@@ -4,14 +4,15 @@ targets, dm-multipath, veth links into a namespace holding the portals.
 Through the real daemon: manage → node record with node.startup=manual, session, LUN,
 `connected` with its path; restart adopts the session; wrong CHAP → 476 retried with growing
 nextRetry; two keys on one session → logout only after the last; logout failure → 474.
-Through the connector itself (the daemon does not run the netlink monitor yet): discovery
-with and without CHAP; an iSCSI bond of two veth links → two sessions, two paths, one
-multipath map; link down → path down and degraded at once; link up → path back.
+Through the connector itself: discovery with and without CHAP; an iSCSI bond of two veth links
+→ two sessions, two paths, one multipath map; link down → path down and degraded at once; link
+up → path back. Through the daemon again: the same link events, seen by its netlink monitor.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Iterator
@@ -349,19 +350,19 @@ async def _bond_scenario(t: IscsiTarget, multipath: Multipath) -> None:
         await runner.close()
 
 
-def test_bond_two_paths_link_down_degraded_link_up_back(
-        iscsi_target: IscsiTargetFactory, multipath: Multipath) -> None:
-    t = iscsi_target(links=2)
+@contextlib.contextmanager
+def bond_links(t: IscsiTarget) -> Iterator[None]:
+    """The second link reaches the first portal's address too (as one subnet would: only
+    sockets bound to it use this route); strict rp_filter on both, as many hosts have it.
+    Afterwards: rp_filter restored by the daemon is checked, the host cleaned."""
     l0, l1 = t.links
     subnet0 = l0.peer_ip.rsplit(".", 1)[0] + ".0/24"
-    # The second link reaches the first portal's address too (as one subnet would): only
-    # sockets bound to it use this route.
     sh("ip", "route", "add", subnet0, "dev", l1.host, "metric", "500")
     saved = {link.host: rp_filter(link.host) for link in t.links}
     for link in t.links:
-        rp_filter(link.host, "1")  # strict, as many hosts have it
+        rp_filter(link.host, "1")
     try:
-        asyncio.run(_bond_scenario(t, multipath))
+        yield
         after = {link.host: rp_filter(link.host) for link in t.links}
         report("rp_filter", before="strict (1)", after=after)
         assert after == {l0.host: "1", l1.host: "1"}  # restored when no session uses it
@@ -376,6 +377,79 @@ def test_bond_two_paths_link_down_degraded_link_up_back(
             sh("iscsiadm", "-m", "iface", "-I", link.host, "-o", "delete", check=False)
         if os.path.exists("/etc/iscsi/ifaces/nosuchnic9"):
             sh("iscsiadm", "-m", "iface", "-I", "nosuchnic9", "-o", "delete", check=False)
+
+
+def test_bond_two_paths_link_down_degraded_link_up_back(
+        iscsi_target: IscsiTargetFactory, multipath: Multipath) -> None:
+    t = iscsi_target(links=2)
+    with bond_links(t):
+        asyncio.run(_bond_scenario(t, multipath))
+
+
+def path_states(daemon: Daemon, cid: str) -> tuple[str, list[str]]:
+    st = daemon.call("getStorageServerList", connectionIDs=[cid])[cid]
+    return st["state"], [p["state"] for p in st["paths"] or []]
+
+
+def until(daemon: Daemon, cid: str, want: tuple[str, list[str]], limit: float) -> float:
+    """Seconds until the daemon reports `want` for `cid` (polled over the socket)."""
+    start = time.monotonic()
+    while (now := path_states(daemon, cid)) != want:
+        assert time.monotonic() - start < limit, f"{want} not within {limit} s: {now}"
+        time.sleep(0.01)
+    return time.monotonic() - start
+
+
+def test_daemon_follows_bond_link_events(tmp_path: Path,
+                                         iscsi_target: IscsiTargetFactory) -> None:
+    """The same through the daemon process: its netlink monitor marks the path of a link that
+    went down and logs in a missing path when its link comes up. Probes are 60 s apart, so
+    only the link events can explain what the status shows within a second."""
+    t = iscsi_target(links=2)
+    l0, l1 = t.links
+    d = Daemon(tmp_path, supervisor={"probe_interval": 60, "probe_timeout": 5,
+                                     "command_timeout": 30})
+    with bond_links(t):
+        try:
+            d.start()
+            d.call("manageStorageServer", connectionID="b", connection={
+                "type": "iscsi", "connection": l0.peer_ip, "iqn": t.iqn, "tpgt": 1,
+                "netIfaceNames": [l0.host, l1.host]})
+            st = d.call("waitStorageServer", connectionIDs=["b"], timeout=60)["b"]
+            assert [(p["iface"], p["state"]) for p in st["paths"]] == [
+                (l0.host, "up"), (l1.host, "up")]
+            assert sysfs_sessions(t.iqn) == {l0.host: "LOGGED_IN", l1.host: "LOGGED_IN"}
+
+            l1.down()
+            degraded_s = until(d, "b", ("degraded", ["up", "down"]), 5)
+            l1.up()
+            back_s = until(d, "b", ("connected", ["up", "up"]), 5)
+
+            # A path whose session is gone: its link coming up logs it in at once.
+            sh("iscsiadm", "-m", "node", "-T", t.iqn, "-p", t.portals[0], "-I", l1.host,
+               "--logout")
+            l1.down()
+            until(d, "b", ("degraded", ["up", "down"]), 5)
+            assert l1.host not in sysfs_sessions(t.iqn)
+            up_at = time.monotonic()
+            l1.up()
+            while sysfs_sessions(t.iqn).get(l1.host) != "LOGGED_IN":
+                assert time.monotonic() - up_at < 10, "missing path not logged in in 10 s"
+                time.sleep(0.01)
+            relogin_s = time.monotonic() - up_at
+            status_s = relogin_s + until(d, "b", ("connected", ["up", "up"]), 5)
+            report("daemon link events", degraded_after_down_s=round(degraded_s, 3),
+                   back_after_up_s=round(back_s, 3),
+                   missing_path_logged_in_after_up_s=round(relogin_s, 3),
+                   status_connected_after_up_s=round(status_s, 3),
+                   log=[line[-120:] for line in log_lines(d, "LINK netdev=")])
+            assert degraded_s < 1.0 and back_s < 1.0 and relogin_s < 1.0
+            assert log_lines(d, f"LINK netdev={l1.host} down")
+            assert log_lines(d, f"LINK netdev={l1.host} up")
+            d.call("unmanageStorageServer", connectionID="b")
+            wait_for("logout", lambda: sysfs_sessions(t.iqn) == {}, 30)
+        finally:
+            d.cleanup()
 
 
 def test_net_iface_name_over_a_bonding_device(daemon: Daemon, bond: Bond) -> None:

@@ -1,6 +1,7 @@
 """systemd/vdsmconn.service under real systemd (PID 1 in the test guest): active only after
 READY=1, a hung event loop restarted by the watchdog, mounts left in place by restart and
-stop (same mount ids, files still there) and adopted after the start, without a remount.
+stop (same mount ids, files still there) and adopted after the start, without a remount;
+iSCSI sessions adopted by the restarted daemon, never logged out.
 
 The unit is the shipped file with ExecStart pointed at this tree: the guest's python3 with
 the PYTHONPATH tests/guest/inguest.py gives the tests (the tree and the project's venv
@@ -22,7 +23,13 @@ from typing import Any
 
 import pytest
 
-from tests.guest.fixtures import SystemdUnit, SystemdUnitFactory, sh, wait_for
+from tests.guest.fixtures import (
+    IscsiTargetFactory,
+    SystemdUnit,
+    SystemdUnitFactory,
+    sh,
+    wait_for,
+)
 from vdsmconn.cli import Client
 
 pytestmark = pytest.mark.guest
@@ -170,3 +177,31 @@ def test_restart_and_stop_leave_mounts_which_are_adopted(vdsmconn: Vdsmconn) -> 
     v.call("unmanageStorageServer", prefix="g")
     wait_for("the mounts to go", lambda: mounts_under(v.mount_root) == [], timeout=30)
     time.sleep(0.1)
+
+
+def test_restart_adopts_iscsi_sessions_without_logout(
+        vdsmconn: Vdsmconn, iscsi_target: IscsiTargetFactory) -> None:
+    v = vdsmconn
+    t = iscsi_target()
+    v.unit.start()
+    v.call("manageStorageServer", connectionID="s1", connection={
+        "type": "iscsi", "connection": "127.0.0.1", "iqn": t.iqn, "tpgt": 1})
+    first = v.call("waitStorageServer", connectionIDs=["s1"], timeout=60)["s1"]
+    assert first["state"] == "connected"
+    sessions = t.sessions()  # "tcp: [sid] portal,tpgt iqn (non-flash)"
+    assert len(sessions) == 1
+    pid = v.main_pid()
+    v.unit.restart()
+    assert v.main_pid() != pid
+    assert t.sessions() == sessions  # the same session id: never logged out
+    after = v.call("waitStorageServer", connectionIDs=["s1"], timeout=60)["s1"]
+    assert after["state"] == "connected" and after["path"] == first["path"]
+    assert after["paths"][0]["session"] == first["paths"][0]["session"]
+    journal = v.journal()
+    print(f"OBSERVED systemctl restart with a session: {sessions[0]}, "
+          f"path={after['path']}, adopt={journal.count('ADOPT key=iscsi:')}")
+    assert journal.count("ADOPT key=iscsi:") == 1, journal[-3000:]
+    assert journal.count("--login") == 1  # the first daemon's only
+    assert "--logout" not in journal
+    v.call("unmanageStorageServer", connectionID="s1")
+    wait_for("logout after unmanage", lambda: t.sessions() == [], timeout=30)

@@ -293,9 +293,10 @@ class IscsiConnector(Connector[IscsiSpec]):
                     relogin.append(plan)
                 continue
             self._failed_since.pop(ref, None)
+            if not netdev_up(plan.netdev, self.sysfs):
+                continue  # the path is down; a read through it would wait for the session
             if s is None:
-                if netdev_up(plan.netdev, self.sysfs):
-                    relogin.append(plan)
+                relogin.append(plan)
                 continue
             await self._check_disks(s, statuses[plan.iface], timeout)
         if relogin:
