@@ -16,14 +16,25 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from vdsmconn.display import (
+    WatchTable,
+    format_devices,
+    format_domains,
+    format_event,
+    format_list,
+    format_mapping,
+    format_targets,
+    format_test,
+    format_unmanaged,
+    text,
+)
+
 DEFAULT_SOCKET = "/run/vdsmconn/vdsmconn.sock"
 SOCKET_ENV = "VDSMCONN_SOCKET"
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_WAIT = 30.0
-ERROR_WIDTH = 60
 STATE_EVENT = "storageServerStateChanged"
 CLEAR = "\033[H\033[2J"  # cursor home, clear screen
-WATCH_RECENT = 5  # events shown under the live table
 DEFAULT_KEEPALIVE = 60.0  # well under the daemon's default idle_timeout (600 s)
 
 
@@ -190,109 +201,6 @@ class Client:
         return msg
 
 
-# Formatting: pure functions from results to text.
-
-
-def _text(value: Any) -> str:
-    if value is None or isinstance(value, str):
-        return value or "-"
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-def _shorten(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def format_error(error: Any) -> str:
-    if not isinstance(error, dict):
-        return "" if error is None else _text(error)
-    return f"{error.get('code', '?')} {error.get('message', '')}".strip()
-
-
-def format_table(headers: list[str], rows: list[list[str]]) -> str:
-    table = [headers, *rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
-    lines = ("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in table)
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def format_list(result: dict[str, Any]) -> str:
-    rows = []
-    for cid in sorted(result):
-        status = result[cid] if isinstance(result[cid], dict) else {}
-        conn = status.get("connection")
-        rows.append([
-            cid,
-            _text(conn.get("type") if isinstance(conn, dict) else None),
-            _text(status.get("state")),
-            _text(status.get("refs")),
-            _text(status.get("path")),
-            _shorten(format_error(status.get("lastError")), ERROR_WIDTH),
-        ])
-    return format_table(["CID", "TYPE", "STATE", "REFS", "PATH", "ERROR"], rows)
-
-
-def format_test(result: dict[str, Any]) -> str:
-    rows = []
-    for step in result.get("steps") or []:
-        step = step if isinstance(step, dict) else {}
-        seconds = step.get("seconds")
-        rows.append([
-            _text(step.get("step")),
-            "ok" if step.get("ok") else "FAILED",
-            f"{seconds:.3f}" if isinstance(seconds, int | float) else "-",
-            _text(step.get("detail")) if step.get("detail") is not None else "",
-        ])
-    table = format_table(["STEP", "RESULT", "SECONDS", "DETAIL"], rows)
-    return f"{table}\n{'ok' if result.get('ok') else 'FAILED'}"
-
-
-def format_targets(result: list[dict[str, Any]]) -> str:
-    targets = [t for t in result if isinstance(t, dict)]
-    rows = [[_text(t.get("portal")), _text(t.get("tpgt")), _text(t.get("iqn"))] for t in targets]
-    return format_table(["PORTAL", "TPGT", "IQN"], rows)
-
-
-def format_mapping(value: dict[str, Any], indent: int = 0) -> str:
-    lines = []
-    pad = "  " * indent
-    for name, item in value.items():
-        if isinstance(item, dict) and item:
-            lines.append(f"{pad}{name}:")
-            lines.append(format_mapping(item, indent + 1))
-        elif isinstance(item, list) and any(isinstance(i, dict | list) for i in item):
-            lines.append(f"{pad}{name}:")
-            lines.extend(f"{pad}  - {_text(i)}" for i in item)
-        elif isinstance(item, list):
-            lines.append(f"{pad}{name}: {', '.join(_text(i) for i in item)}")
-        else:
-            lines.append(f"{pad}{name}: {_text(item)}")
-    return "\n".join(lines)
-
-
-def format_unmanaged(result: dict[str, Any]) -> str:
-    cids = result.get("connectionIDs") or []
-    return "\n".join(f"unmanaged {cid}" for cid in cids) or "no connection ID matched"
-
-
-def format_time(t: Any) -> str:
-    if not isinstance(t, int | float):
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) + f".{int(t * 1000) % 1000:03d}"
-
-
-def format_event(params: dict[str, Any]) -> str:
-    cids = params.get("connectionIDs") or []
-    line = (
-        f"{format_time(params.get('time'))}  {','.join(map(str, cids)) or '-'}  "
-        f"{_text(params.get('oldState'))} -> {_text(params.get('newState'))}  "
-        f"key={_text(params.get('key'))}"
-    )
-    error = params.get("lastError")
-    return f"{line}  error={format_error(error)}" if error else line
-
-
 # Verbs.
 
 
@@ -334,7 +242,7 @@ def _cmd_manage(args: argparse.Namespace, client: Client) -> int:
     connection = parse_connection(args.connection, args.password_stdin)
     method = "updateStorageServer" if args.verb == "update" else "manageStorageServer"
     result = client.call(method, {"connectionID": args.cid, "connection": connection})
-    _output(args, result, lambda r: f"{_text(r.get('connectionID'))}  key={_text(r.get('key'))}")
+    _output(args, result, lambda r: f"{text(r.get('connectionID'))}  key={text(r.get('key'))}")
     return 0
 
 
@@ -388,7 +296,7 @@ def _progress(client: Client, cids: list[str]) -> Callable[[dict[str, Any]], Non
                            {"connectionIDs": cids, "includeUnmanaged": False})
     wanted = set(cids)
     now = ", ".join(
-        f"{cid} {_text(statuses[cid].get('state')) if isinstance(statuses.get(cid), dict) else '?'}"
+        f"{cid} {text(statuses[cid].get('state')) if isinstance(statuses.get(cid), dict) else '?'}"
         for cid in cids)
     print(f"waiting: {now}", file=sys.stderr, flush=True)
 
@@ -424,53 +332,19 @@ def _cmd_discover(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def _cmd_inventory(args: argparse.Namespace, client: Client) -> int:
+    method, formatter = {"devices": ("getDeviceList", format_devices),
+                         "domains": ("getStorageDomainList", format_domains)}[args.verb]
+    result = client.call(method, {"connectionIDs": args.cids} if args.cids else {})
+    _output(args, result, formatter)
+    return 1 if result.get("errors") else 0
+
+
 def _cmd_info(args: argparse.Namespace, client: Client) -> int:
     method = "getConnectorInfo" if args.verb == "connector-info" else "getHostInfo"
     result = client.call(method)
     _output(args, result, format_mapping)
     return 0
-
-
-class WatchTable:
-    """The connections `vdsmconn watch` shows, kept current from state-change events."""
-
-    def __init__(self, statuses: dict[str, Any]) -> None:
-        self.rows: dict[str, dict[str, Any]] = {
-            cid: dict(st) for cid, st in statuses.items() if isinstance(st, dict)}
-        self.recent: collections.deque[str] = collections.deque(maxlen=WATCH_RECENT)
-
-    def apply(self, params: dict[str, Any]) -> list[str]:
-        """Apply one event; returns the CIDs the table does not know yet."""
-        self.recent.append(format_event(params))
-        key, new = params.get("key"), params.get("newState")
-        if new is None:
-            for cid in [c for c, row in self.rows.items() if row.get("key") == key]:
-                del self.rows[cid]
-            return []
-        unknown = []
-        for cid in params.get("connectionIDs") or []:
-            row = self.rows.get(cid)
-            if row is None:
-                unknown.append(cid)
-                row = self.rows[cid] = {"key": key}
-            row.update(state=new, lastError=params.get("lastError"), since=params.get("time"),
-                       key=key, connected=new in ("connected", "degraded"))
-        return unknown
-
-    def render(self, title: str) -> str:
-        rows = []
-        for cid in sorted(self.rows):
-            st = self.rows[cid]
-            conn = st.get("connection")
-            rows.append([
-                cid, _text(conn.get("type") if isinstance(conn, dict) else None),
-                _text(st.get("state")), _text(st.get("refs")),
-                format_time(st.get("since"))[11:19] if st.get("since") else "-",
-                _text(st.get("path")), _shorten(format_error(st.get("lastError")), ERROR_WIDTH),
-            ])
-        table = format_table(["CID", "TYPE", "STATE", "REFS", "SINCE", "PATH", "ERROR"], rows)
-        recent = "\n".join(self.recent) or "(none yet)"
-        return f"{title}\n\n{table}\n\nrecent events:\n{recent}\n"
 
 
 def _cmd_watch(args: argparse.Namespace, client: Client) -> int:
@@ -541,9 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     conn_help = "URI, JSON object, or @FILE holding a JSON object"
-    for name, text in (("manage", "manage a connection under a CID"),
-                       ("update", "change the connection of a managed CID")):
-        p = verb(name, _cmd_manage, text)
+    for name, about in (("manage", "manage a connection under a CID"),
+                        ("update", "change the connection of a managed CID")):
+        p = verb(name, _cmd_manage, about)
         p.add_argument("cid", metavar="CID")
         p.add_argument("connection", metavar="CONNECTION", help=conn_help)
         _add_password_stdin(p)
@@ -577,6 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=3260)
     p.add_argument("--user", metavar="U")
     _add_password_stdin(p)
+
+    for name, about in (("devices", "block devices behind managed iSCSI connections and "
+                                    "managed volumes"),
+                        ("domains", "storage domains found on managed connections")):
+        p = verb(name, _cmd_inventory, about)
+        p.add_argument("cids", metavar="CID", nargs="*", help="only these (default: all)")
 
     verb("connector-info", _cmd_info, "show os-brick connector properties")
     verb("info", _cmd_info, "show daemon and host information")

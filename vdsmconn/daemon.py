@@ -96,7 +96,8 @@ class Daemon:
                 await managed.load()  # attachment records, so adoption starts as uncertain
             # Operations start in the supervisors only: they get the timed connectors.
             reconciler = Reconciler(cfg, desired, actual, measure.instrument(table), self.clock)
-            service = Service(cfg, store, desired, actual, reconciler, table, self.clock)
+            service = Service(cfg, store, desired, actual, reconciler, table, self.clock,
+                              runner)
             status = systemd.StatusReporter(measure.status_line)
             actual.listen(lambda _change: status.changed() if status else None)
             log.info("START version=%s cids=%d keys=%d mount_root=%s", __version__,

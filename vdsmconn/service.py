@@ -22,6 +22,8 @@ from vdsmconn.connectors.base import Connector
 from vdsmconn.connectors.iscsi import IscsiConnector
 from vdsmconn.connectors.managed import ManagedConnector
 from vdsmconn.host import scope
+from vdsmconn.host.command import CommandRunner
+from vdsmconn.inventory import Inventory
 from vdsmconn.model import (
     ConnectionKey,
     ConnectionSpec,
@@ -46,6 +48,7 @@ class Service:
     def __init__(
         self, config: Config, store: Store, desired: DesiredState, actual: ActualState,
         reconciler: Reconciler, connectors: dict[str, Connector[Any]], clock: Clock,
+        runner: CommandRunner,
     ) -> None:
         self.config = config
         self.store = store
@@ -54,6 +57,7 @@ class Service:
         self.reconciler = reconciler
         self.connectors = connectors
         self.clock = clock
+        self.inventory = Inventory(config, desired, actual, connectors, runner)
         self.started = clock.time()
         self._locks: dict[str, asyncio.Lock] = {}
         self._backends_cache: tuple[float, dict[str, Any]] | None = None

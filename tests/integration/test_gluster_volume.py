@@ -15,6 +15,7 @@ import pytest
 from tests.daemon import Daemon, mounted
 from tests.fusefs import glusterfs
 from tests.fusefs.glusterfs import GlusterServer, client_args, client_pids
+from tests.sdtree import write_domain
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(glusterfs.missing() is not None,
@@ -181,3 +182,14 @@ def test_test_verb_reports_each_step(daemon: Daemon, gluster: GlusterServer,
     assert [(s["step"], s["ok"]) for s in refused["steps"]] == [("resolve", True),
                                                                 ("connect", False)]
     assert daemon.call("getStorageServerList") == {}
+
+
+def test_storage_domain_on_the_volume_is_listed(daemon: Daemon, volume: str) -> None:
+    path, _ = manage(daemon, "gd", volume)
+    sd = write_domain(path, "on gluster", "GLUSTERFS")
+    found = daemon.call("getStorageDomainList", connectionIDs=["gd"])
+    assert [(d["sdUUID"], d["type"], d["path"], d["connectionIDs"])
+            for d in found["domains"]] == [(sd, "file", f"{path}/{sd}", ["gd"])]
+    assert found["domains"][0]["metadata"]["TYPE"] == "GLUSTERFS"
+    assert found["skipped"] == [] and found["errors"] == []
+    unmanage(daemon, "gd", path)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from vdsmconn import cli
+from vdsmconn import cli, display
 
 SECRET = "s3cret-Pa55"
 
@@ -252,7 +252,7 @@ def test_list_table_is_sorted_and_aligned(
     failed = lines[1]
     assert failed.split()[1:5] == ["iscsi", "failed", "2", "-"]
     assert "477 mount.nfs: Connection timed out" in failed
-    assert failed.endswith("…") and len(failed) - lines[0].index("ERROR") == cli.ERROR_WIDTH
+    assert failed.endswith("…") and len(failed) - lines[0].index("ERROR") == display.ERROR_WIDTH
 
 
 def test_json_output_is_the_raw_result(
@@ -501,5 +501,68 @@ def test_watch_ctrl_c_exits_0(daemon: FakeDaemon, monkeypatch: pytest.MonkeyPatc
 
 
 def test_format_list_tolerates_missing_fields() -> None:
-    table = cli.format_list({"u": {"state": "connected", "connection": None, "lastError": None}})
+    table = display.format_list(
+        {"u": {"state": "connected", "connection": None, "lastError": None}})
     assert table.splitlines()[1].split() == ["u", "-", "connected", "-", "-"]
+
+
+DEVICE = {
+    "path": "/dev/mapper/mpatha", "wwid": "36001405abc", "vendor": "LIO-ORG", "product": "lun0",
+    "size": 64 * 1024 * 1024, "logicalBlockSize": 512, "physicalBlockSize": 4096,
+    "multipath": {"name": "mpatha", "path": "/dev/mapper/mpatha", "dm": "dm-0",
+                  "uuid": "mpath-36001405abc"},
+    "devices": ["/dev/sda", "/dev/sdb"],
+    "sessions": [{"sid": 1, "portal": "10.0.0.2:3260", "iqn": "iqn.2003-01.org.x:t1",
+                  "iface": "eth1", "netdev": "eth1", "device": "/dev/sda"},
+                 {"sid": 2, "portal": "10.0.0.2:3260", "iqn": "iqn.2003-01.org.x:t1",
+                  "iface": "eth2", "netdev": "eth2", "device": "/dev/sdb"}],
+    "connectionIDs": ["i1", "i2"], "error": None,
+}
+
+
+def test_devices_sends_cids_and_prints_one_row_per_lun(
+    daemon: FakeDaemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    daemon.replies["getDeviceList"] = {"result": {"devices": [DEVICE], "errors": []}}
+    assert cli.main(["devices", "i1", "i2"]) == 0
+    assert daemon.params("getDeviceList") == {"connectionIDs": ["i1", "i2"]}
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["PATH", "WWID", "MODEL", "SIZE", "BLOCKS", "SESSIONS", "CIDS",
+                                "ERROR"]
+    assert lines[1].split() == ["/dev/mapper/mpatha", "36001405abc", "LIO-ORG", "lun0", "64.0",
+                                "MiB", "512/4096", "eth1:10.0.0.2:3260,", "eth2:10.0.0.2:3260",
+                                "i1,i2"]
+    assert len(lines) == 2
+
+
+def test_devices_without_cids_asks_for_all_and_a_partial_result_exits_1(
+    daemon: FakeDaemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    daemon.replies["getDeviceList"] = {"result": {"devices": [], "errors": [
+        {"key": "iscsi:x", "connectionIDs": ["i3"],
+         "error": {"code": 451, "message": "iscsi:x has no session on this host"}}]}}
+    assert cli.main(["devices"]) == 1
+    assert daemon.params("getDeviceList") == {}
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "error: i3: 451 iscsi:x has no session on this host")
+
+
+def test_domains_prints_domains_skipped_and_errors(
+    daemon: FakeDaemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    uuid = "0f6b5e5c-4c3a-4e8e-9d43-1f0c9b1e2a77"
+    daemon.replies["getStorageDomainList"] = {"result": {
+        "domains": [
+            {"sdUUID": uuid, "type": "file", "path": f"/mnt/s:_e/{uuid}", "connectionIDs": ["n"],
+             "metadata": {"CLASS": "Data", "VERSION": "5", "DESCRIPTION": "nfs data"}},
+            {"sdUUID": "vg-uuid", "type": "block", "vgName": "vg-uuid", "connectionIDs": ["i"],
+             "metadata": {}}],
+        "skipped": [{"path": "/mnt/s:_e/1111", "reason": "no dom_md/metadata"}],
+        "errors": []}}
+    assert cli.main(["domains", "n", "i"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == [uuid, "file", f"/mnt/s:_e/{uuid}", "Data", "5", "nfs", "data",
+                                "n"]
+    assert lines[2].split() == ["vg-uuid", "block", "vg-uuid", "-", "-", "-", "i"]
+    assert lines[3] == "skipped: /mnt/s:_e/1111: no dom_md/metadata"
+    assert daemon.params("getStorageDomainList") == {"connectionIDs": ["n", "i"]}

@@ -63,6 +63,14 @@ def _events(value: Any) -> list[str]:
     return names
 
 
+def _cids(p: dict[str, Any]) -> list[str] | None:
+    """The optional `connectionIDs` list of a request."""
+    if p.get("connectionIDs") is None:
+        return None
+    return [params.get_cid(c, f"connectionIDs[{i}]")
+            for i, c in enumerate(params.get_str_list(p["connectionIDs"], "connectionIDs"))]
+
+
 def build(service: Service) -> list[Method]:
     subs = Subscriptions(service)
 
@@ -85,10 +93,7 @@ def build(service: Service) -> list[Method]:
 
     @_method("getStorageServerList", (), ("connectionIDs", "prefix", "includeUnmanaged"))
     async def get_list(p: dict[str, Any], s: Session) -> Any:
-        cids = p.get("connectionIDs")
-        if cids is not None:
-            cids = [params.get_cid(c, f"connectionIDs[{i}]")
-                    for i, c in enumerate(params.get_str_list(cids, "connectionIDs"))]
+        cids = _cids(p)
         prefix = p.get("prefix")
         if prefix is not None:
             prefix = params.get_str(prefix, "prefix")
@@ -132,6 +137,14 @@ def build(service: Service) -> list[Method]:
         ipv6 = params.get_bool(p.get("ipv6_enabled", False), "ipv6_enabled")
         return await service.discover(host, port, user, password, ipv6)
 
+    @_method("getDeviceList", (), ("connectionIDs",))
+    async def device_list(p: dict[str, Any], s: Session) -> Any:
+        return await service.inventory.devices(_cids(p))
+
+    @_method("getStorageDomainList", (), ("connectionIDs",))
+    async def domain_list(p: dict[str, Any], s: Session) -> Any:
+        return await service.inventory.domains(_cids(p))
+
     @_method("getConnectorInfo", (), ("refresh",))
     async def connector_info(p: dict[str, Any], s: Session) -> Any:
         refresh = params.get_bool(p.get("refresh", False), "refresh")
@@ -146,4 +159,4 @@ def build(service: Service) -> list[Method]:
         return {"events": subs.remove(s, _events(p["events"]))}
 
     return [manage, unmanage, get_list, wait, update, test, host_info, discover,
-            connector_info, subscribe, unsubscribe]
+            device_list, domain_list, connector_info, subscribe, unsubscribe]

@@ -1,0 +1,252 @@
+"""What already lives on managed connections, for importing existing storage: the block
+devices behind iSCSI connections and managed volumes (`getDeviceList`), and the storage
+domains on file and block connections (`getStorageDomainList`).
+
+Everything is read off the event loop with a deadline: sysfs facts of each device in its
+own abandonable thread, a file share's top directory in another (a dead NFS server makes
+that one connection report 480 while the others answer), LVM through the command runner
+with a filter that shows it only the devices found here, never the host's own disks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from vdsmconn import errors
+from vdsmconn.config import Config
+from vdsmconn.connectors.base import Connector
+from vdsmconn.host import blockdev, lvm, probe, sdmeta
+from vdsmconn.host.command import CommandRunner
+from vdsmconn.host.iscsi_parse import Session, read_sessions
+from vdsmconn.model import (
+    ConnectionKey,
+    ConnectionSpec,
+    IscsiSpec,
+    LocalSpec,
+    ManagedSpec,
+    MountSpec,
+)
+from vdsmconn.state.actual import ActualState
+from vdsmconn.state.desired import DesiredState
+
+log = logging.getLogger(__name__)
+
+STALE = (errno.ESTALE, errno.ENOTCONN, errno.EIO)
+
+
+@dataclass
+class _Lun:
+    """One logical unit, however many paths (sdX) and sessions reach it."""
+
+    devices: list[blockdev.BlockDevice] = field(default_factory=list)
+    sessions: list[dict[str, Any]] = field(default_factory=list)
+    cids: set[str] = field(default_factory=set)
+
+    @property
+    def path(self) -> str:
+        first = self.devices[0]
+        return first.multipath.path if first.multipath else f"/dev/{first.name}"
+
+    def to_wire(self) -> dict[str, Any]:
+        first = self.devices[0]
+        return {
+            "path": self.path, "wwid": first.wwid, "vendor": first.vendor,
+            "product": first.product, "size": first.size,
+            "logicalBlockSize": first.logical_block_size,
+            "physicalBlockSize": first.physical_block_size,
+            "multipath": first.multipath.to_wire() if first.multipath else None,
+            "devices": [f"/dev/{d.name}" for d in self.devices],
+            "sessions": sorted(self.sessions, key=lambda s: (s["sid"], s["device"])),
+            "connectionIDs": sorted(self.cids), "error": None,
+        }
+
+
+def _error(e: BaseException, what: str) -> dict[str, Any]:
+    if isinstance(e, errors.Error):
+        return {"code": e.code, "message": e.message}
+    if isinstance(e, OSError):
+        code = errors.StaleMount.code if e.errno in STALE else errors.GeneralError.code
+        return {"code": code, "message": f"{what}: {e.strerror or e}"}
+    return {"code": errors.GeneralError.code, "message": f"{what}: {e}"}
+
+
+class Inventory:
+    def __init__(self, config: Config, desired: DesiredState, actual: ActualState,
+                 connectors: dict[str, Connector[Any]], runner: CommandRunner) -> None:
+        self.config = config
+        self.desired = desired
+        self.actual = actual
+        self.connectors = connectors
+        self.runner = runner
+
+    @property
+    def _timeout(self) -> float:
+        return self.config.supervisor.probe_timeout
+
+    def _selected(self, cids: list[str] | None) -> dict[ConnectionKey, tuple[ConnectionSpec,
+                                                                             set[str]]]:
+        """key -> (spec, the selected CIDs referring to it); an unknown CID is 479."""
+        if cids is None:
+            cids = sorted(e.cid for e in self.desired)
+        selected: dict[ConnectionKey, tuple[ConnectionSpec, set[str]]] = {}
+        for cid in cids:
+            entry = self.desired.get(cid)
+            if entry is None:
+                raise errors.ConnectionIdNotFound(f"connection ID {cid!r} is not managed",
+                                                  {"connectionID": cid})
+            selected.setdefault(entry.key, (entry.spec, set()))[1].add(cid)
+        return selected
+
+    # --- devices -------------------------------------------------------------------------
+
+    async def devices(self, cids: list[str] | None) -> dict[str, Any]:
+        luns, failed, problems = await self._scan_devices(cids)
+        return {"devices": [lun.to_wire() for lun in luns] + failed, "errors": problems}
+
+    async def _scan_devices(self, cids: list[str] | None) -> tuple[
+            list[_Lun], list[dict[str, Any]], list[dict[str, Any]]]:
+        """The LUNs found, devices that could not be read, connections without devices."""
+        sysfs = self.config.iscsi.sysfs_root
+        sessions = {s.sid: s for s in read_sessions(sysfs)}
+        wanted: dict[str, tuple[set[str], list[dict[str, Any]]]] = {}  # name -> cids, sessions
+        problems: list[dict[str, Any]] = []
+        for key, (spec, users) in self._selected(cids).items():
+            try:
+                disks = self._device_names(spec, sessions)
+            except errors.Error as e:
+                problems.append({"key": str(key), "connectionIDs": sorted(users),
+                                 "error": _error(e, str(key))})
+                continue
+            for name, session in disks:
+                found = wanted.setdefault(name, (set(), []))
+                found[0].update(users)
+                if session is not None:
+                    found[1].append(session)
+        names = sorted(wanted)
+        results = await asyncio.gather(
+            *(probe.run(functools.partial(blockdev.read_device, n, sysfs), f"reading /sys of {n}",
+                        self._timeout) for n in names),
+            return_exceptions=True)
+        luns: dict[str, _Lun] = {}
+        failed = []
+        for name, result in zip(names, results, strict=True):
+            users, on = wanted[name]
+            if isinstance(result, BaseException):
+                if not isinstance(result, (errors.Error, OSError, ValueError)):
+                    raise result
+                log.warning("DEVICES %s unreadable: %s", name, result)
+                failed.append({"path": f"/dev/{name}", "connectionIDs": sorted(users),
+                               "error": _error(result, f"/dev/{name}")})
+                continue
+            group = result.multipath.uuid if result.multipath else (result.wwid or name)
+            lun = luns.setdefault(group, _Lun())
+            if result not in lun.devices:
+                lun.devices.append(result)
+            lun.sessions.extend(on)
+            lun.cids.update(users)
+        return sorted(luns.values(), key=lambda lun: lun.path), failed, problems
+
+    def _device_names(self, spec: ConnectionSpec, sessions: dict[int, Session]) -> list[
+            tuple[str, dict[str, Any] | None]]:
+        """Kernel names of the disks behind one connection, each with its session if any."""
+        if isinstance(spec, IscsiSpec):
+            found = self.connectors["iscsi"].present(spec)
+            if found is None or not found.paths:
+                raise errors.ConnectError(f"{spec.key} has no session on this host")
+            out: list[tuple[str, dict[str, Any] | None]] = []
+            for p in found.paths:
+                s = sessions.get(p["session"]) if p["session"] is not None else None
+                for device in p["devices"]:
+                    name = blockdev.kernel_name(device)
+                    out.append((name, None if s is None else {
+                        "sid": s.sid, "portal": _portal(s), "iqn": s.iqn, "iface": s.iface,
+                        "netdev": s.netdev, "device": f"/dev/{name}"}))
+            return out
+        if isinstance(spec, ManagedSpec):
+            found = self.connectors["managed"].present(spec)
+            if found is None or found.path is None:
+                raise errors.ConnectError(f"{spec.key} is not attached on this host")
+            name = blockdev.kernel_name(found.path)
+            members = blockdev.map_members(name, self.config.iscsi.sysfs_root)
+            return [(m, None) for m in members] or [(name, None)]
+        return []  # file storage has no block devices
+
+    # --- storage domains -----------------------------------------------------------------
+
+    async def domains(self, cids: list[str] | None) -> dict[str, Any]:
+        selected = self._selected(cids)
+        domains: dict[tuple[str, str], dict[str, Any]] = {}
+        skipped: list[dict[str, Any]] = []
+        problems: list[dict[str, Any]] = []
+        files = [(key, spec, users) for key, (spec, users) in selected.items()
+                 if isinstance(spec, (MountSpec, LocalSpec))]
+        scans = await asyncio.gather(*(self._scan_files(key, spec) for key, spec, _ in files),
+                                     return_exceptions=True)
+        for (key, _spec, users), scan in zip(files, scans, strict=True):
+            if isinstance(scan, BaseException):
+                if not isinstance(scan, (errors.Error, OSError)):
+                    raise scan
+                log.warning("DOMAINS key=%s scan failed: %s", key, scan)
+                problems.append({"key": str(key), "connectionIDs": sorted(users),
+                                 "error": _error(scan, str(key))})
+                continue
+            found, passed = scan
+            for d in found:
+                entry = domains.setdefault(("file", d.sd_uuid), {
+                    "sdUUID": d.sd_uuid, "type": "file", "path": d.path, "paths": [],
+                    "connectionIDs": [], "metadata": d.metadata})
+                _merge(entry, users, d.path)
+            skipped += [{"path": s.path, "reason": s.reason, "connectionIDs": sorted(users)}
+                        for s in passed]
+        block = [c for spec, refs in selected.values()
+                 if isinstance(spec, (IscsiSpec, ManagedSpec)) for c in refs]
+        if block:
+            await self._block_domains(block, domains, problems)
+        return {"domains": sorted(domains.values(), key=lambda d: (d["type"], d["sdUUID"])),
+                "skipped": skipped, "errors": problems}
+
+    async def _scan_files(self, key: ConnectionKey, spec: MountSpec | LocalSpec) -> tuple[
+            list[sdmeta.FileDomain], list[sdmeta.Skipped]]:
+        status = self.actual.get(key)
+        if status is None or not status.connected or not status.path:
+            raise errors.ConnectError(f"{key} is not connected")
+        return await probe.run(functools.partial(sdmeta.scan_file_domains, status.path),
+                               f"scanning {status.path}", self._timeout)
+
+    async def _block_domains(self, cids: list[str], domains: dict[tuple[str, str], Any],
+                             problems: list[dict[str, Any]]) -> None:
+        luns, _failed, gone = await self._scan_devices(cids)
+        problems += gone
+        owners = {lun.path: lun.cids for lun in luns}
+        try:
+            found = await lvm.block_domains(self.runner, sorted(owners),
+                                            self.config.supervisor.command_timeout,
+                                            self.config.lvm_command)
+        except errors.Error as e:
+            users = sorted({c for lun in luns for c in lun.cids})
+            problems.append({"key": None, "connectionIDs": users, "error": _error(e, "lvm")})
+            return
+        for d in found:
+            seen = {c for pv in d.pvs for c in owners.get(pv, ())}
+            entry = domains.setdefault(("block", d.sd_uuid), {
+                "sdUUID": d.sd_uuid, "type": "block", "vgName": d.vg_name,
+                "vgUUID": d.vg_uuid, "pvs": list(d.pvs), "missingPvs": d.missing_pvs,
+                "size": d.size, "free": d.free, "connectionIDs": [],
+                "metadata": d.metadata, "metadataError": d.metadata_error})
+            entry["connectionIDs"] = sorted(set(entry["connectionIDs"]) | seen)
+
+
+def _merge(entry: dict[str, Any], cids: set[str], path: str) -> None:
+    entry["connectionIDs"] = sorted(set(entry["connectionIDs"]) | cids)
+    entry["paths"] = sorted(set(entry["paths"]) | {path})
+    entry["path"] = entry["paths"][0]
+
+
+def _portal(s: Session) -> str:
+    host = f"[{s.address}]" if ":" in s.address else s.address
+    return f"{host}:{s.port}"
