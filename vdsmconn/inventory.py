@@ -165,7 +165,7 @@ class Inventory:
                     name = blockdev.kernel_name(device)
                     out.append((name, None if s is None else {
                         "sid": s.sid, "portal": _portal(s), "iqn": s.iqn, "iface": s.iface,
-                        "netdev": s.netdev, "device": f"/dev/{name}"}))
+                        "netdev": s.netdev or p["netdev"], "device": f"/dev/{name}"}))
             return out
         if isinstance(spec, ManagedSpec):
             found = self.connectors["managed"].present(spec)

@@ -179,7 +179,8 @@ def test_lun_through_two_bond_paths_is_listed_once(
             assert lun["multipath"]["uuid"] == "mpath-" + lun["wwid"]
             assert len(lun["devices"]) == 2
             assert lun["wwid"] == lsblk_wwn(lun["devices"][0]) == lsblk_wwn(lun["devices"][1])
-            assert sorted(s["iface"] for s in lun["sessions"]) == sorted([l0.host, l1.host])
+            assert sorted((s["iface"], s["netdev"]) for s in lun["sessions"]) == sorted(
+                [(l0.host, l0.host), (l1.host, l1.host)])
             assert sorted(s["device"] for s in lun["sessions"]) == sorted(lun["devices"])
             dom = BlockDomain(mapper, "block data over a bond")
             try:

@@ -37,6 +37,12 @@ def test_attach_adopt_detach_over_the_socket(daemon: Daemon, tmp_path: Path) -> 
         daemon.start()
         again = daemon.call("waitStorageServer", connectionIDs=["m1"], timeout=60)["m1"]
         assert again["path"] == device
+        # The volume in getDeviceList: a loop device has no SCSI identity, only its size.
+        (found,) = daemon.call("getDeviceList")["devices"]
+        assert (found["path"], found["devices"], found["connectionIDs"]) == (
+            device, [device], ["m1", "m2"])
+        assert found["size"] == 8 * 1024 * 1024 and found["sessions"] == []
+        assert found["wwid"] is None and found["multipath"] is None and found["error"] is None
         log = daemon.log().split("STOPPED")[-1]
         assert "ATTACHMENTS loaded=1" in log
         assert "ADOPT key=managed:vol-d1" in log and "uncertain->connected" in log
