@@ -212,6 +212,30 @@ def test_bond_of_missing_interfaces_uses_the_default_iface(
     wait_for("logout", lambda: t.sessions() == [], 30)
 
 
+def test_initiator_name_is_the_one_the_target_sees(
+        daemon: Daemon, iscsi_target: IscsiTargetFactory) -> None:
+    t = iscsi_target()
+    name = "iqn.2026-11.org.vdsmconn.test:custom-initiator"
+    iface = None
+    try:
+        daemon.call("manageStorageServer", connectionID="in",
+                    connection=conn(t, initiatorName=name))
+        st = daemon.call("waitStorageServer", connectionIDs=["in"], timeout=60)["in"]
+        (path,) = st["paths"]
+        iface = path["iface"]
+        session = Path(f"/sys/class/iscsi_session/session{path['session']}")
+        seen = (t.configfs / "dynamic_sessions").read_text()
+        report("initiatorName", iface=iface, target_sees=seen.strip())
+        assert iface.startswith("vdsmconn-") and st["state"] == "connected"
+        assert (session / "initiatorname").read_text().strip() == name
+        assert name in seen
+        daemon.call("unmanageStorageServer", connectionID="in")
+        wait_for("logout", lambda: t.sessions() == [], 30)
+    finally:
+        if iface is not None:
+            sh("iscsiadm", "-m", "iface", "-I", iface, "-o", "delete", check=False)
+
+
 def test_logout_failure_is_reported_as_474(tmp_path: Path,
                                            iscsi_target: IscsiTargetFactory) -> None:
     t = iscsi_target()

@@ -16,6 +16,7 @@ from vdsmconn import config, errors
 from vdsmconn.connectors.base import HostContext
 from vdsmconn.connectors.iscsi import IscsiConnector
 from vdsmconn.connectors.iscsi_discovery import discover_send_targets
+from vdsmconn.connectors.iscsi_paths import initiator_iface
 from vdsmconn.host.command import Arg, Result
 from vdsmconn.host.fakerunner import FakeRunner
 from vdsmconn.host.iscsiadm import Iscsiadm
@@ -242,6 +243,39 @@ async def test_iface_bound_elsewhere_is_never_rebound(sysfs: Path, runner: HostR
         await c.connect(spec(netIfaceName="eth1"))
     assert "bound to eth9" in caught.value.message
     assert not any("update" in argv and "iface" in argv[2] for argv in runner.argvs)
+
+
+async def test_initiator_name_gets_an_iface_of_its_own(sysfs: Path,
+                                                       runner: HostRunner) -> None:
+    expect_setup(runner)
+    c = make(sysfs, runner)
+    name = "iqn.2026-11.org.example:host7"
+    iface = initiator_iface(name)
+    assert iface.startswith("vdsmconn-") and iface != initiator_iface(name + "x")
+    found = await c.connect(spec(initiatorName=name))
+    assert found.paths is not None and [p["iface"] for p in found.paths] == [iface]
+    assert runner.argvs[:3] == [
+        ("iscsiadm", "-m", "iface"),
+        ("iscsiadm", "-m", "iface", "-I", iface, "-o", "new"),
+        ("iscsiadm", "-m", "iface", "-I", iface, "-o", "update", "-n", "iface.initiatorname",
+         "-v", name)]
+    assert ("iscsiadm", "-m", "node", "-T", IQN, "-p", "10.77.4.2:3260", "-I", iface,
+            "--login") in runner.argvs
+
+
+async def test_iface_logging_in_as_another_initiator_is_not_changed(
+        sysfs: Path, runner: HostRunner) -> None:
+    expect_setup(runner)
+    runner.expectations.insert(0, runner.expectations[0].__class__(
+        ("iscsiadm", "-m", "iface"),
+        stdout="eth1 tcp,<empty>,<empty>,eth1,iqn.2026-11.org.example:other\n"))
+    netdev(sysfs, "eth1")
+    c = make(sysfs, runner)
+    with pytest.raises(errors.IscsiIfaceError) as caught:
+        await c.connect(spec(netIfaceName="eth1", initiatorName="iqn.2026-11.org.example:me"))
+    assert caught.value.code == 473
+    assert "logs in as iqn.2026-11.org.example:other" in caught.value.message
+    assert not any("--login" in argv for argv in runner.argvs)
 
 
 @pytest.mark.parametrize("cap", [1, 2, 4])

@@ -220,6 +220,10 @@ class IscsiConnector(Connector[IscsiSpec]):
             raise errors.IscsiIfaceError(
                 f"iface {plan.iface} is bound to {existing.net_ifacename or 'no interface'}, "
                 f"not {plan.netdev}; not rebinding it", {"iface": plan.iface})
+        if spec.initiatorName is not None and existing.initiatorname != spec.initiatorName:
+            raise errors.IscsiIfaceError(
+                f"iface {plan.iface} logs in as {existing.initiatorname or 'the host'}, not "
+                f"{spec.initiatorName}; not changing it", {"iface": plan.iface})
 
     async def _login(self, spec: IscsiSpec, address: str, plan: PathPlan, created: bool,
                      status: PathStatus) -> None:

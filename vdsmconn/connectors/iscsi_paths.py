@@ -4,11 +4,14 @@ how a path's session is found, and what the status shows of it.
 An iSCSI bond (`netIfaceNames`) is one path per network interface, each through an iface of
 the same name bound with `iface.net_ifacename`; interfaces missing on this host are skipped,
 and when none is present the default iface is used. `netIfaceName` is one such path;
-`ifaceName` names the iface to use (bound to `netIfaceName` when that is given too).
+`ifaceName` names the iface to use (bound to `netIfaceName` when that is given too). A path
+that would use the default iface but must log in as another `initiatorName` uses an iface of
+its own instead, named after that initiator name.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -76,7 +79,14 @@ def netdev_up(name: str | None, sysfs: str) -> bool:
     return state not in LINK_DOWN_STATES
 
 
+def initiator_iface(initiator: str) -> str:
+    """The iface of paths through no particular interface that log in as `initiator`."""
+    return "vdsmconn-" + hashlib.sha256(initiator.encode()).hexdigest()[:12]
+
+
 def plan_paths(spec: IscsiSpec, sysfs: str) -> list[PathPlan]:
+    default = PathPlan(initiator_iface(spec.initiatorName) if spec.initiatorName
+                       else DEFAULT_IFACE)
     if spec.netIfaceNames:
         present = [n for n in spec.netIfaceNames if netdev_exists(n, sysfs)]
         missing = [n for n in spec.netIfaceNames if n not in present]
@@ -84,7 +94,7 @@ def plan_paths(spec: IscsiSpec, sysfs: str) -> list[PathPlan]:
             log.info("ISCSI key=%s interfaces not on this host, skipped: %s", spec.key,
                      ",".join(missing))
         if not present:
-            return [PathPlan(DEFAULT_IFACE)]
+            return [default]
         return [PathPlan(n, n) for n in present]
     if spec.ifaceName:
         return [PathPlan(spec.ifaceName, spec.netIfaceName)]
@@ -93,7 +103,7 @@ def plan_paths(spec: IscsiSpec, sysfs: str) -> list[PathPlan]:
             return [PathPlan(spec.netIfaceName, spec.netIfaceName)]
         log.info("ISCSI key=%s interface %s not on this host, default iface used", spec.key,
                  spec.netIfaceName)
-    return [PathPlan(DEFAULT_IFACE)]
+    return [default]
 
 
 def node_portal(spec: IscsiSpec, address: str, tpgt: bool = True) -> str:
