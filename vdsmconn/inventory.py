@@ -14,6 +14,7 @@ import asyncio
 import errno
 import functools
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,8 +78,10 @@ def _error(e: BaseException, what: str) -> dict[str, Any]:
 
 class Inventory:
     def __init__(self, config: Config, desired: DesiredState, actual: ActualState,
-                 connectors: dict[str, Connector[Any]], runner: CommandRunner) -> None:
+                 connectors: dict[str, Connector[Any]], runner: CommandRunner,
+                 dev: str = "/dev") -> None:
         self.config = config
+        self.dev = dev
         self.desired = desired
         self.actual = actual
         self.connectors = connectors
@@ -129,8 +132,8 @@ class Inventory:
                     found[1].append(session)
         names = sorted(wanted)
         results = await asyncio.gather(
-            *(probe.run(functools.partial(blockdev.read_device, n, sysfs), f"reading /sys of {n}",
-                        self._timeout) for n in names),
+            *(probe.run(functools.partial(blockdev.read_device, n, sysfs, self.dev),
+                        f"reading /sys of {n}", self._timeout) for n in names),
             return_exceptions=True)
         luns: dict[str, _Lun] = {}
         failed = []
@@ -162,7 +165,7 @@ class Inventory:
             for p in found.paths:
                 s = sessions.get(p["session"]) if p["session"] is not None else None
                 for device in p["devices"]:
-                    name = blockdev.kernel_name(device)
+                    name = os.path.basename(device)  # "/dev/" + the kernel's name
                     out.append((name, None if s is None else {
                         "sid": s.sid, "portal": _portal(s), "iqn": s.iqn, "iface": s.iface,
                         "netdev": s.netdev or p["netdev"], "device": f"/dev/{name}"}))
@@ -171,7 +174,7 @@ class Inventory:
             found = self.connectors["managed"].present(spec)
             if found is None or found.path is None:
                 raise errors.ConnectError(f"{spec.key} is not attached on this host")
-            name = blockdev.kernel_name(found.path)
+            name = blockdev.kernel_name(found.path, self.dev)
             members = blockdev.map_members(name, self.config.iscsi.sysfs_root)
             return [(m, None) for m in members] or [(name, None)]
         return []  # file storage has no block devices
