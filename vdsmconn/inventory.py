@@ -5,7 +5,8 @@ domains on file and block connections (`getStorageDomainList`).
 Everything is read off the event loop with a deadline: sysfs facts of each device in its
 own abandonable thread, a file share's top directory in another (a dead NFS server makes
 that one connection report 480 while the others answer), LVM through the command runner
-with a filter that shows it only the devices found here, never the host's own disks.
+with a filter that shows it only the devices found here, never the host's own disks. While
+a read hangs, calls that need the same read get 480 at once: hung threads do not pile up.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import errno
 import functools
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from vdsmconn import errors
 from vdsmconn.config import Config
@@ -38,6 +40,7 @@ from vdsmconn.state.desired import DesiredState
 log = logging.getLogger(__name__)
 
 STALE = (errno.ESTALE, errno.ENOTCONN, errno.EIO)
+T = TypeVar("T")
 
 
 @dataclass
@@ -86,10 +89,23 @@ class Inventory:
         self.actual = actual
         self.connectors = connectors
         self.runner = runner
+        self._reads: dict[str, probe.Probe[Any]] = {}  # what -> the read still running
 
     @property
     def _timeout(self) -> float:
         return self.config.supervisor.probe_timeout
+
+    async def _read(self, what: str, fn: Callable[[], T]) -> T:
+        """`fn` in a thread of its own, with the probe deadline; never a second one for
+        `what` while the first has not returned."""
+        earlier = self._reads.get(what)
+        if earlier is not None and earlier.running:
+            raise errors.Timeout(f"{what}: an earlier read has not returned yet")
+        read: probe.Probe[T] = probe.Probe(fn, what)
+        self._reads[what] = read
+        read.done.add_done_callback(
+            lambda _: self._reads.pop(what) if self._reads.get(what) is read else None)
+        return await read.result(self._timeout)
 
     def _selected(self, cids: list[str] | None) -> dict[ConnectionKey, tuple[ConnectionSpec,
                                                                              set[str]]]:
@@ -132,8 +148,9 @@ class Inventory:
                     found[1].append(session)
         names = sorted(wanted)
         results = await asyncio.gather(
-            *(probe.run(functools.partial(blockdev.read_device, n, sysfs, self.dev),
-                        f"reading /sys of {n}", self._timeout) for n in names),
+            *(self._read(f"reading /sys of {n}",
+                         functools.partial(blockdev.read_device, n, sysfs, self.dev))
+              for n in names),
             return_exceptions=True)
         luns: dict[str, _Lun] = {}
         failed = []
@@ -218,8 +235,8 @@ class Inventory:
         status = self.actual.get(key)
         if status is None or not status.connected or not status.path:
             raise errors.ConnectError(f"{key} is not connected")
-        return await probe.run(functools.partial(sdmeta.scan_file_domains, status.path),
-                               f"scanning {status.path}", self._timeout)
+        return await self._read(f"scanning {status.path}",
+                                functools.partial(sdmeta.scan_file_domains, status.path))
 
     async def _block_domains(self, cids: list[str], domains: dict[tuple[str, str], Any],
                              problems: list[dict[str, Any]]) -> None:

@@ -147,11 +147,12 @@ def test_iscsi_lun_with_a_block_domain(daemon: Daemon,
     wait_for("logout", lambda: t.sessions() == [], 30)
 
 
-def map_name(multipath: Multipath) -> str:
-    names = [line.split()[0] for line in multipath.ll().splitlines()
-             if line.startswith("mpath")]
-    assert len(names) == 1, names
-    return names[0]
+def the_map(multipath: Multipath) -> tuple[str, str]:
+    """Name and WWID of the one multipath map (`mpatha (WWID) dm-0 VENDOR,PRODUCT`)."""
+    maps = [line.split()[:2] for line in multipath.ll().splitlines()
+            if line.startswith("mpath")]
+    assert len(maps) == 1, maps
+    return maps[0][0], maps[0][1].strip("()")
 
 
 def test_lun_through_two_bond_paths_is_listed_once(
@@ -168,7 +169,7 @@ def test_lun_through_two_bond_paths_is_listed_once(
                 "netIfaceNames": [l0.host, l1.host]})
             d.call("waitStorageServer", connectionIDs=["b"], timeout=60)
             multipath.wait_for_paths(2, 60)
-            name = map_name(multipath)
+            name, map_wwid = the_map(multipath)
             mapper = f"/dev/mapper/{name}"
             start = time.monotonic()
             found = d.call("getDeviceList", connectionIDs=["b"])
@@ -176,9 +177,12 @@ def test_lun_through_two_bond_paths_is_listed_once(
             print(f"OBSERVED getDeviceList took {time.monotonic() - start:.3f} s")
             (lun,) = found["devices"]
             assert lun["path"] == mapper and lun["multipath"]["name"] == name
-            assert lun["multipath"]["uuid"] == "mpath-" + lun["wwid"]
+            # The WWID multipathd named the map with (udev's ID_SERIAL) is the LUN's, the
+            # same as udev's WWN of each path (its `scsi-3...` link has moved to the map).
+            assert lun["multipath"]["uuid"] == "mpath-" + map_wwid
             assert len(lun["devices"]) == 2
-            assert lun["wwid"] == lsblk_wwn(lun["devices"][0]) == lsblk_wwn(lun["devices"][1])
+            assert lun["wwid"] == map_wwid == lsblk_wwn(lun["devices"][0])
+            assert lsblk_wwn(lun["devices"][0]) == lsblk_wwn(lun["devices"][1])
             assert sorted((s["iface"], s["netdev"]) for s in lun["sessions"]) == sorted(
                 [(l0.host, l0.host), (l1.host, l1.host)])
             assert sorted(s["device"] for s in lun["sessions"]) == sorted(lun["devices"])

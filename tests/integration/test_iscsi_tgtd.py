@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from tests.daemon import Daemon
+from tests.netns import NetnsLink, sh
 from vdsmconn import config, connectors
 from vdsmconn.clock import FakeClock
 from vdsmconn.connectors.base import HostContext
@@ -48,13 +49,6 @@ PASSWORD = "Tgt-Chap-Pa55word"
 USER = "vdsmuser"
 
 
-def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: rc {proc.returncode}: {proc.stderr.strip()}")
-    return proc
-
-
 @dataclass
 class Tgtd:
     work: Path
@@ -62,20 +56,20 @@ class Tgtd:
     proc: subprocess.Popen[bytes] | None = None
 
     @property
+    def net(self) -> NetnsLink:
+        return NetnsLink(f"vcis{self.tag}", f"10.252.{self.tag % 250}")
+
+    @property
     def ns(self) -> str:
-        return f"vcis{self.tag}"
+        return self.net.ns
 
     @property
     def link(self) -> str:
-        return f"vcis{self.tag}h"
-
-    @property
-    def subnet(self) -> str:
-        return f"10.252.{self.tag % 250}"
+        return self.net.link
 
     @property
     def address(self) -> str:
-        return f"{self.subnet}.2"
+        return self.net.address
 
     @property
     def control(self) -> str:
@@ -89,16 +83,7 @@ class Tgtd:
         sh("tgtadm", "-C", self.control, "--lld", "iscsi", *args)
 
     def start(self) -> None:
-        sh("ip", "route", "add", "unreachable", f"{self.subnet}.0/24", "metric", "4000")
-        sh("ip", "netns", "add", self.ns)
-        peer = f"vcis{self.tag}n"
-        sh("ip", "link", "add", self.link, "type", "veth", "peer", "name", peer)
-        sh("ip", "link", "set", peer, "netns", self.ns)
-        sh("ip", "addr", "add", f"{self.subnet}.1/24", "dev", self.link)
-        sh("ip", "link", "set", self.link, "up")
-        sh("ip", "-n", self.ns, "addr", "add", f"{self.address}/24", "dev", peer)
-        sh("ip", "-n", self.ns, "link", "set", peer, "up")
-        sh("ip", "-n", self.ns, "link", "set", "lo", "up")
+        self.net.create()
         lun = self.work / "lun.img"
         with open(lun, "wb") as f:
             f.truncate(16 * 1024 * 1024)
@@ -132,10 +117,7 @@ class Tgtd:
                 self.proc.kill()
                 self.proc.wait(10)
             self.proc = None
-        sh("ip", "netns", "del", self.ns, check=False)
-        sh("ip", "link", "del", self.link, check=False)
-        sh("ip", "route", "del", "unreachable", f"{self.subnet}.0/24", "metric", "4000",
-           check=False)
+        self.net.delete()
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from tests.daemon import Daemon
+from tests.netns import NetnsLink, sh
 
 pytestmark = [
     pytest.mark.root,
@@ -55,13 +56,6 @@ EXPORT {{
 """
 
 
-def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: rc {proc.returncode}: {proc.stderr.strip()}")
-    return proc
-
-
 def stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -90,45 +84,30 @@ class NfsServer:
     ganesha: subprocess.Popen[bytes] | None = None
 
     @property
+    def net(self) -> NetnsLink:
+        return NetnsLink(f"vcnfs{self.tag}", f"10.251.{int(self.tag) % 250}")
+
+    @property
     def ns(self) -> str:
-        return f"vcnfs{self.tag}"
+        return self.net.ns
 
     @property
     def link(self) -> str:
-        return f"vcnfs{self.tag}h"
-
-    @property
-    def subnet(self) -> str:
-        return f"10.251.{int(self.tag) % 250}"
+        return self.net.link
 
     @property
     def address(self) -> str:
-        return f"{self.subnet}.2"
+        return self.net.address
 
     @property
     def export(self) -> str:
         return f"{self.address}:{self.work}/export"
 
     def in_ns(self, *argv: str) -> list[str]:
-        return ["nsenter", f"--net=/run/netns/{self.ns}", *argv]
-
-    @property
-    def peer(self) -> str:
-        return f"vcnfs{self.tag}n"
+        return self.net.in_ns(*argv)
 
     def setup_network(self) -> None:
-        peer = self.peer
-        # Without its link the subnet must not fall back to the default route: packets to
-        # it never leave this machine.
-        sh("ip", "route", "add", "unreachable", f"{self.subnet}.0/24", "metric", "4000")
-        sh("ip", "netns", "add", self.ns)
-        sh("ip", "link", "add", self.link, "type", "veth", "peer", "name", peer)
-        sh("ip", "link", "set", peer, "netns", self.ns)
-        sh("ip", "addr", "add", f"{self.subnet}.1/24", "dev", self.link)
-        sh("ip", "link", "set", self.link, "up")
-        sh("ip", "-n", self.ns, "addr", "add", f"{self.address}/24", "dev", peer)
-        sh("ip", "-n", self.ns, "link", "set", peer, "up")
-        sh("ip", "-n", self.ns, "link", "set", "lo", "up")
+        self.net.create()
 
     def start(self) -> None:
         (self.work / "export").mkdir(exist_ok=True)
@@ -176,10 +155,7 @@ class NfsServer:
         if self.rpcbind is not None:
             stop(self.rpcbind)
             self.rpcbind = None
-        sh("ip", "netns", "del", self.ns, check=False)
-        sh("ip", "link", "del", self.link, check=False)
-        sh("ip", "route", "del", "unreachable", f"{self.subnet}.0/24", "metric", "4000",
-           check=False)
+        self.net.delete()
 
 
 @pytest.fixture(params=["3, 4"], ids=["v3+v4"])
@@ -228,7 +204,7 @@ def test_v4_server_up_every_step_ok(daemon: Daemon, nfs_server: NfsServer,
     assert result["ok"] is True
     assert steps(result) == [("resolve", True), ("connect", True), ("nfs", True)]
     assert detail(result, "connect") == (f"connected to {nfs_server.address}:2049 from "
-                                         f"{nfs_server.subnet}.1")
+                                         f"{nfs_server.net.subnet}.1")
     assert detail(result, "nfs") == f"NFS (program 100003) version 4 answered at " \
                                     f"{nfs_server.address}:2049"
     assert all(s["seconds"] < 5 for s in result["steps"])
@@ -308,7 +284,7 @@ def test_host_link_down_is_unreachable(daemon: Daemon, nfs_server: NfsServer) ->
 
 def test_server_link_down_is_unreachable_or_timeout(daemon: Daemon,
                                                     nfs_server: NfsServer) -> None:
-    sh("ip", "-n", nfs_server.ns, "link", "set", nfs_server.peer, "down")
+    sh("ip", "-n", nfs_server.ns, "link", "set", nfs_server.net.peer, "down")
     result = check_storage(daemon, {"type": "nfs", "connection": nfs_server.export,
                                    "protocol_version": "4.2"}, timeout=5)
     assert steps(result) == [("resolve", True), ("connect", False)]

@@ -121,11 +121,29 @@ def test_by_id_scsi3_link_preferred_for_wwid(host: FakeHost) -> None:
     assert host.read("sdc").by_id == (f"scsi-3{NAA2}",)
 
 
-def test_by_id_other_scsi_link_taken_without_scsi3(host: FakeHost) -> None:
-    host.scsi_disk("sdb")
+def test_by_id_other_scsi_link_taken_without_scsi3_or_sysfs(host: FakeHost) -> None:
+    host.scsi_disk("sdb", wwid=None)
     host.link("by-id", "scsi-SLIO-ORG_lun0_d7b3b1c0", "sdb")
     host.link("by-id", "scsi-1LIO-ORG_lun0_d7b3b1c0", "sdb")
     assert host.read("sdb").wwid == "1LIO-ORG_lun0_d7b3b1c0"
+
+
+def test_sysfs_naa_preferred_to_other_scsi_links(host: FakeHost) -> None:
+    host.scsi_disk("sdb")  # device/wwid: naa.<NAA>
+    host.link("by-id", "scsi-1LIO-ORG_lun0_d7b3b1c0", "sdb")
+    assert host.read("sdb").wwid == f"3{NAA}"
+
+
+def test_multipath_member_takes_the_maps_wwid(host: FakeHost) -> None:
+    """As seen in the test guest: multipath's udev rules moved `scsi-3...` to the map; the
+    member keeps `scsi-1LIO-ORG_...`, and its own sysfs designator may differ from what
+    multipathd named the map."""
+    host.scsi_disk("sda", "3:0:0:0", session=1, wwid="t10.LIO-ORG   lun0")
+    host.scsi_disk("sdb", "4:0:0:0", session=2, wwid="t10.LIO-ORG   lun0")
+    host.link("by-id", "scsi-1LIO-ORG_lun0_d7b3b1c0", "sda")
+    host.dm("dm-0", "mpatha", f"mpath-3{NAA}", ["sda", "sdb"])
+    host.link("by-id", f"scsi-3{NAA}", "dm-0")
+    assert host.read("sda").wwid == host.read("sdb").wwid == f"3{NAA}"
 
 
 @pytest.mark.parametrize("sysfs_wwid, wwid", [

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,6 +94,12 @@ async def test_hung_device_is_480_while_the_others_answer(host: FakeHost) -> Non
         start = time.monotonic()
         found = await inv.devices(None)
         seconds = time.monotonic() - start
+        # Asked again while the read still hangs: 480 at once, no second thread.
+        start = time.monotonic()
+        again = await inv.devices(["b"])
+        assert time.monotonic() - start < 0.2
+        assert "an earlier read has not returned yet" in again["devices"][0]["error"]["message"]
+        assert [t.name for t in threading.enumerate()].count("probe reading /sys of sdc") == 1
     good, hung = found["devices"]
     assert good["path"] == "/dev/sdb" and good["connectionIDs"] == ["a"]
     assert hung["path"] == "/dev/sdc" and hung["connectionIDs"] == ["b"]

@@ -95,18 +95,19 @@ def read_device(name: str, sysfs: str = "/sys", dev: str = "/dev") -> BlockDevic
     """
     block = _block_dir(name, sysfs)
     own_map = _map(name, sysfs)
+    holder = own_map or _holder_map(block, sysfs)
     by_id = _by_id(name, dev)
     device = os.path.join(block, "device")
     return BlockDevice(
         name=name,
-        wwid=own_map.wwid if own_map else _wwid(block, by_id),
+        wwid=holder.wwid if holder else _wwid(block, by_id),
         vendor=_read(os.path.join(device, "vendor")),
         product=_read(os.path.join(device, "model")),
         size=_read_int(block, "size") * SECTOR,
         logical_block_size=_read_int(block, "queue/logical_block_size"),
         physical_block_size=_read_int(block, "queue/physical_block_size"),
         sid=_sid(block, sysfs),
-        multipath=own_map or _holder_map(block, sysfs),
+        multipath=holder,
         by_id=by_id,
     )
 
@@ -187,12 +188,18 @@ def _by_id(name: str, dev: str) -> tuple[str, ...]:
 
 
 def _wwid(block: str, by_id: tuple[str, ...]) -> str | None:
-    """scsi_id's serial from a `scsi-<serial>` link (NAA form first), else from sysfs."""
-    serials = [link[5:] for link in by_id if link.startswith("scsi-") and len(link) > 5]
-    if serials:
-        return min(serials, key=lambda s: (_rank(s), s))
+    """The WWID of a device outside multipath: scsi_id's NAA serial from a `scsi-3...` link,
+    else the kernel's designator in sysfs, else the best other `scsi-` link. (A multipath
+    member takes its map's WWID instead: multipath's udev rules move the `scsi-3...` link to
+    the map, leaving the member only the other forms, e.g. `scsi-1LIO-ORG_...`.)"""
+    serials = sorted((link[5:] for link in by_id if link.startswith("scsi-") and len(link) > 5),
+                     key=lambda s: (_rank(s), s))
+    if serials and serials[0].startswith("3"):
+        return serials[0]
     raw = _read(os.path.join(block, "device", "wwid")) or _read(os.path.join(block, "wwid"))
-    return None if raw is None else _serial_from_sysfs(raw)
+    if raw is not None:
+        return _serial_from_sysfs(raw)
+    return serials[0] if serials else None
 
 
 def _rank(serial: str) -> int:
