@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon import Daemon
+from tests.sdtree import write_domain
 
 pytestmark = pytest.mark.root
 
@@ -38,6 +39,15 @@ def test_tour(daemon: Daemon, tmp_path: Path) -> None:
     assert rows["FLOW1_scratch"][1:4] == ["posixfs", "connected", "2"]
     listing = json.loads(cli(daemon, "--json", "list").stdout)
     assert listing["FLOW2_scratch"]["path"] == f"{daemon.mount_root}/vc-scratch"
+
+    sd = write_domain(images, "local images", "LOCALFS")
+    domains = cli(daemon, "domains", "FLOW1_local").stdout.splitlines()
+    assert domains[0].split() == ["SDUUID", "TYPE", "PATH/VG", "CLASS", "VERSION",
+                                  "DESCRIPTION", "CIDS"]
+    row = domains[1].split()
+    assert row[:2] == [sd, "file"] and row[2].endswith(f"/{sd}")
+    assert row[3:] == ["Data", "5", "local", "images", "FLOW1_local"]
+    assert cli(daemon, "devices").stdout.splitlines()[1:] == []  # file storage only
 
     cli(daemon, "unmanage", "--prefix", "FLOW1_")
     assert json.loads(cli(daemon, "--json", "list").stdout).keys() == {"FLOW2_scratch"}
