@@ -137,7 +137,7 @@ class Inventory:
         for key, (spec, users) in self._selected(cids).items():
             try:
                 disks = self._device_names(spec, sessions)
-            except errors.Error as e:
+            except (errors.Error, OSError, ValueError) as e:  # ValueError: not under /dev
                 problems.append({"key": str(key), "connectionIDs": sorted(users),
                                  "error": _error(e, str(key))})
                 continue
@@ -191,9 +191,11 @@ class Inventory:
             found = self.connectors["managed"].present(spec)
             if found is None or found.path is None:
                 raise errors.ConnectError(f"{spec.key} is not attached on this host")
+            sysfs = self.config.iscsi.sysfs_root
             name = blockdev.kernel_name(found.path, self.dev)
-            members = blockdev.map_members(name, self.config.iscsi.sysfs_root)
-            return [(m, None) for m in members] or [(name, None)]
+            if blockdev.multipath_map(name, sysfs) is None:
+                return [(name, None)]
+            return [(m, None) for m in blockdev.map_members(name, sysfs)] or [(name, None)]
         return []  # file storage has no block devices
 
     # --- storage domains -----------------------------------------------------------------

@@ -94,7 +94,7 @@ def read_device(name: str, sysfs: str = "/sys", dev: str = "/dev") -> BlockDevic
     size (a device vanishing while read) raises the OSError naming the attribute.
     """
     block = _block_dir(name, sysfs)
-    own_map = _map(name, sysfs)
+    own_map = multipath_map(name, sysfs)
     holder = own_map or _holder_map(block, sysfs)
     by_id = _by_id(name, dev)
     device = os.path.join(block, "device")
@@ -162,7 +162,7 @@ def _sid(block: str, sysfs: str) -> int | None:
     return None
 
 
-def _map(name: str, sysfs: str) -> MultipathMap | None:
+def multipath_map(name: str, sysfs: str = "/sys") -> MultipathMap | None:
     """`name` as a multipath map, or None if it is not one (not dm, or LVM, kpartx...)."""
     dm = os.path.join(sysfs, "block", name, "dm")
     uuid = _read(os.path.join(dm, "uuid"))
@@ -174,7 +174,7 @@ def _map(name: str, sysfs: str) -> MultipathMap | None:
 
 def _holder_map(block: str, sysfs: str) -> MultipathMap | None:
     for holder in _names(os.path.join(block, "holders")):
-        found = _map(holder, sysfs)
+        found = multipath_map(holder, sysfs)
         if found is not None:
             return found
     return None
