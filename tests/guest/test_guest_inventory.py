@@ -25,7 +25,7 @@ from tests.guest.fixtures import (
     sh,
     wait_for,
 )
-from tests.guest.test_guest_iscsi import bond_links
+from tests.guest.test_guest_iscsi import bond_links, torn_down
 from tests.sdtree import metadata, write_broken, write_domain
 
 pytestmark = pytest.mark.guest
@@ -195,5 +195,6 @@ def test_lun_through_two_bond_paths_is_listed_once(
                 dom.remove()
             d.call("unmanageStorageServer", connectionID="b")
             wait_for("logout", lambda: t.sessions() == [], 30)
+            torn_down(d)
         finally:
             d.cleanup()

@@ -424,6 +424,13 @@ def until(daemon: Daemon, cid: str, want: tuple[str, list[str]], limit: float) -
     return time.monotonic() - start
 
 
+def torn_down(daemon: Daemon) -> None:
+    """Wait until the daemon has finished every teardown (node records deleted, rp_filter
+    restored): the key leaves the list only then."""
+    wait_for("the teardown", lambda: daemon.call("getStorageServerList",
+                                                 includeUnmanaged=False) == {}, 30)
+
+
 def test_daemon_follows_bond_link_events(tmp_path: Path,
                                          iscsi_target: IscsiTargetFactory) -> None:
     """The same through the daemon process: its netlink monitor marks the path of a link that
@@ -472,6 +479,7 @@ def test_daemon_follows_bond_link_events(tmp_path: Path,
             assert log_lines(d, f"LINK netdev={l1.host} up")
             d.call("unmanageStorageServer", connectionID="b")
             wait_for("logout", lambda: sysfs_sessions(t.iqn) == {}, 30)
+            torn_down(d)
         finally:
             d.cleanup()
 

@@ -96,8 +96,8 @@ def runner(sysfs: Path) -> HostRunner:
 def make(sysfs: Path, runner: FakeRunner, parallel: int = 10) -> IscsiConnector:
     base = config.Config()
     cfg = dataclasses.replace(
-        base, iscsi=dataclasses.replace(base.iscsi, parallel_logins=parallel,
-                                        sysfs_root=str(sysfs)))
+        base, run_dir=str(sysfs.parent / "run"),
+        iscsi=dataclasses.replace(base.iscsi, parallel_logins=parallel, sysfs_root=str(sysfs)))
     return IscsiConnector(HostContext(cfg, runner, dict))
 
 
@@ -375,6 +375,31 @@ async def test_rp_filter_loosened_off_route_and_restored(sysfs: Path,
     assert (sysfs / "proc-net-conf" / "eth2" / "rp_filter").read_text().strip() == "2"
     await c.disconnect(s)
     assert (sysfs / "proc-net-conf" / "eth2" / "rp_filter").read_text().strip() == "1"
+    assert list((sysfs.parent / "run" / "rp_filter").iterdir()) == []
+
+
+async def test_rp_filter_restored_by_a_restarted_daemon(sysfs: Path,
+                                                        runner: HostRunner) -> None:
+    """Loosened by one daemon, which stops before the last session goes: the next one,
+    which never loosened it, restores it when it disconnects."""
+    expect_setup(runner)
+    runner.expect(["ip", "-o", "route", "get", "10.77.4.2"],
+                  stdout="10.77.4.2 dev eth1 src 10.77.4.1 uid 0 \\    cache \n")
+    for name in ("eth1", "eth2"):
+        netdev(sysfs, name)
+        conf = sysfs / "proc-net-conf" / name
+        conf.mkdir(parents=True)
+        (conf / "rp_filter").write_text("1\n")
+    s = spec(netIfaceNames=("eth1", "eth2"))
+    await make(sysfs, runner).connect(s)
+    rp = sysfs / "proc-net-conf" / "eth2" / "rp_filter"
+    assert rp.read_text().strip() == "2"
+    assert (sysfs.parent / "run" / "rp_filter" / "eth2").read_text() == "1"
+    again = make(sysfs, runner)  # a new daemon: nothing in memory
+    assert again.present(s) is not None  # adopts the sessions
+    await again.disconnect(s)
+    assert rp.read_text().strip() == "1"
+    assert not (sysfs.parent / "run" / "rp_filter" / "eth2").exists()
 
 
 async def test_probe_logs_missing_path_in_again_without_setup(sysfs: Path,

@@ -68,7 +68,8 @@ class IscsiConnector(Connector[IscsiSpec]):
         self._set_up: set[tuple[ConnectionKey, str]] = set()  # node records ready for login
         # A test tree given as sysfs_root holds its rp_filter files too (proc-net-conf/).
         conf = PROC_CONF if self.sysfs == "/sys" else os.path.join(self.sysfs, "proc-net-conf")
-        self.rp_filter = RpFilter(self.adm.runner, host.config.supervisor.command_timeout, conf)
+        self.rp_filter = RpFilter(self.adm.runner, host.config.supervisor.command_timeout, conf,
+                                  os.path.join(host.config.run_dir, "rp_filter"))
 
     def available(self) -> str | None:
         if not os.path.exists(os.path.join(self.sysfs, "class", "iscsi_transport")) and \

@@ -11,6 +11,7 @@ its own instead, named after that initiator name.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -155,13 +156,17 @@ class RpFilter:
 
     Replies of a portal reached through such an interface arrive where the kernel's best
     route to the portal does not lead, and strict `rp_filter` drops them: it is set loose
-    while a session uses the interface, and restored when none does.
+    while a session uses the interface, and restored when none does. The value to restore is
+    also kept in a file under `saved_dir` (in /run: gone with a reboot, which resets it
+    anyway), so a daemon restarted between loosening and restoring still restores it.
     """
 
-    def __init__(self, runner: CommandRunner, timeout: float, conf: str = PROC_CONF) -> None:
+    def __init__(self, runner: CommandRunner, timeout: float, conf: str = PROC_CONF,
+                 saved_dir: str | None = None) -> None:
         self.runner = runner
         self.timeout = timeout
         self.conf = conf
+        self.saved_dir = saved_dir
         self.saved: dict[str, str] = {}
 
     def _path(self, netdev: str) -> str:
@@ -183,11 +188,15 @@ class RpFilter:
         if value is None:
             return
         self.saved[netdev] = value
+        self._keep(netdev, value)
         log.info("RP_FILTER netdev=%s %s->%s (not the route to %s)", netdev, value, RP_LOOSE,
                  address)
 
     def restore(self, netdev: str) -> None:
-        value = self.saved.pop(netdev, None)
+        value = self.saved.pop(netdev, None) or self._kept(netdev)
+        if self.saved_dir is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.saved_dir, netdev))
         if value is None:
             return
         try:
@@ -197,6 +206,26 @@ class RpFilter:
             log.info("RP_FILTER netdev=%s not restored: %s", netdev, e.strerror)
             return
         log.info("RP_FILTER netdev=%s restored to %s", netdev, value)
+
+
+    def _keep(self, netdev: str, value: str) -> None:
+        if self.saved_dir is None:
+            return
+        os.makedirs(self.saved_dir, 0o755, exist_ok=True)
+        tmp = os.path.join(self.saved_dir, f".{netdev}.tmp")
+        with open(tmp, "w") as f:
+            f.write(value)
+        os.replace(tmp, os.path.join(self.saved_dir, netdev))
+
+    def _kept(self, netdev: str) -> str | None:
+        if self.saved_dir is None:
+            return None
+        try:
+            with open(os.path.join(self.saved_dir, netdev)) as f:
+                value = f.read().strip()
+        except FileNotFoundError:
+            return None
+        return value if value == RP_STRICT else None  # only strict is ever loosened
 
 
 def _exists(path: str) -> bool:
