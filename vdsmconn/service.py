@@ -213,12 +213,22 @@ class Service:
         return out
 
     def managed_paths(self) -> set[str]:
+        """Mount points of managed keys and of keys still being torn down."""
         root = self.config.mount_root
-        return {
-            os.path.join(root, spec.mount_name)
-            for key in self.desired.all_keys()
-            if isinstance(spec := self.desired.spec_of(key), MountSpec | LocalSpec)
-        }
+        specs = [self.desired.spec_of(key) for key in self.desired.all_keys()]
+        specs += [spec for _, spec in self.reconciler.leaving()]
+        return {os.path.join(root, spec.mount_name) for spec in specs
+                if isinstance(spec, MountSpec | LocalSpec)}
+
+    def _leaving(self) -> list[dict[str, Any]]:
+        """Keys whose last CID went and whose teardown has not finished (a disconnect that
+        failed shows here, with its error, until a retry succeeds)."""
+        out = []
+        for key, spec in self.reconciler.leaving():
+            st = self.actual.get(key)
+            if st is not None:
+                out.append({**self._status(key, spec, st), "managed": False, "refs": 0})
+        return out
 
     async def unmanaged(self) -> list[dict[str, Any]]:
         known = self.managed_paths()
@@ -227,7 +237,7 @@ class Service:
         found: list[dict[str, Any]] = mount.foreign_mounts(self.reconciler.mounts, root, known)
         found += await asyncio.to_thread(localfs.foreign_links, root, known)
         now = self.clock.time()
-        return self._unmanaged_sessions(now) + [
+        return self._leaving() + self._unmanaged_sessions(now) + [
             {
                 "managed": False, "connected": True, "state": str(State.CONNECTED),
                 "key": "file:" + f["path"][len(root.rstrip("/")) + 1 :],
@@ -245,6 +255,7 @@ class Service:
             return []
         specs = [spec for key in self.desired.all_keys()
                  if isinstance(spec := self.desired.spec_of(key), IscsiSpec)]
+        specs += [spec for _, spec in self.reconciler.leaving() if isinstance(spec, IscsiSpec)]
         return [
             {
                 "managed": False, "connected": x.logged_in,

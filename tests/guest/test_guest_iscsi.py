@@ -258,6 +258,11 @@ def test_logout_failure_is_reported_as_474(tmp_path: Path,
         wait_for("474 in the log", lambda: bool(log_lines(d, "code=474")), 30)
         report("logout failure", line=log_lines(d, "code=474")[0][-200:])
         assert len(t.sessions()) == 1  # not swallowed: still there, still retried
+        # ...and in the list: the key being torn down, with its error (not a bare session).
+        (entry,) = d.call("getStorageServerList").values()
+        assert (entry["managed"], entry["state"], entry["lastError"]["code"]) == (
+            False, "disconnecting", 474)
+        assert entry["key"].startswith("iscsi:") and entry["connection"]["iqn"] == t.iqn
         flag.unlink()
         wait_for("logout on retry", lambda: t.sessions() == [], 30)
     finally:

@@ -265,3 +265,40 @@ def test_teardown_interrupted_by_kill9_finishes_after_restart(daemon: Daemon,
     finally:
         db.close()
     daemon.start()
+
+
+def test_failed_teardown_is_listed_with_its_error_until_it_succeeds(tmp_path: Path) -> None:
+    """The last CID went but the umount fails: the list shows the key, not managed, with the
+    error (once: its mount is not also listed as a foreign one) until a retry succeeds."""
+    busy = tmp_path / "busy"
+    wrapper = tmp_path / "umount"
+    wrapper.write_text(f'#!/bin/sh\nif [ -e {busy} ]; then echo "umount: target is busy." >&2; '
+                       'exit 32; fi\nexec umount "$@"\n')
+    wrapper.chmod(0o755)
+    d = Daemon(tmp_path, umount_command=str(wrapper),
+               supervisor={"backoff_initial": 0.2, "backoff_max": 0.5})
+    try:
+        d.start()
+        d.call("manageStorageServer", connectionID="b", connection=tmpfs("vc-busy"))
+        path = wait_connected(d, "b")["b"]["path"]
+        busy.touch()
+        d.call("unmanageStorageServer", connectionID="b")
+
+        def failed_teardown() -> bool:
+            listing = d.call("getStorageServerList")
+            return any(st["lastError"] for st in listing.values())
+
+        d._until("the failed teardown listed", failed_teardown, 20)
+        (entry,) = d.call("getStorageServerList").values()
+        assert (entry["managed"], entry["refs"], entry["state"], entry["key"]) == (
+            False, 0, "disconnecting", "file:vc-busy")
+        assert entry["connection"] == tmpfs("vc-busy") and entry["path"] == path
+        assert "target is busy" in entry["lastError"]["message"]
+        assert d.call("getStorageServerList", includeUnmanaged=False) == {}
+        assert mounted(path) is not None
+        busy.unlink()
+        d.wait_gone(path)
+        d._until("the teardown finished", lambda: d.call("getStorageServerList") == {}, 20)
+    finally:
+        busy.unlink(missing_ok=True)
+        d.cleanup()

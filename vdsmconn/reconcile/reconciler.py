@@ -89,6 +89,12 @@ class Reconciler:
             self.mounts = mounts
         return True
 
+    def leaving(self) -> list[tuple[ConnectionKey, ConnectionSpec]]:
+        """Keys no CID refers to any more whose teardown has not finished, with the
+        connection being torn down."""
+        return [(key, sup.spec) for key, sup in self._supervisors.items()
+                if sup.spec is not None and self.desired.refs(key) == 0]
+
     def forget(self, sup: Supervisor) -> None:
         if self._supervisors.get(sup.key) is sup:
             del self._supervisors[sup.key]
