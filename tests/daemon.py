@@ -118,6 +118,10 @@ class Daemon:
         self._until(f"{path} not gone",
                     lambda: mounted(path) is None and not os.path.lexists(path), timeout)
 
+    def wait_nothing_listed(self, timeout: float = 20.0) -> None:
+        """Until the list is empty: no CID, no teardown still running, nothing foreign."""
+        self._until("an empty list", lambda: self.call("getStorageServerList") == {}, timeout)
+
     def wait_mounted(self, path: str, other_than: int | None = None, option: str | None = None,
                      timeout: float = 20.0) -> mountinfo.Mount:
         def check() -> bool:

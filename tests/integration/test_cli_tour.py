@@ -72,6 +72,6 @@ def test_unavailable_backend_is_reported_not_crashed(tmp_path: Path) -> None:
         assert "/nonexistent/mount" in status["lastError"]["message"]
         assert status["state"] == "failed"
         daemon.call("unmanageStorageServer", connectionID="p")
-        assert daemon.call("getStorageServerList") == {}
+        daemon.wait_nothing_listed()
     finally:
         daemon.cleanup()

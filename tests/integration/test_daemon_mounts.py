@@ -257,7 +257,7 @@ def test_teardown_interrupted_by_kill9_finishes_after_restart(daemon: Daemon,
     del daemon.settings["umount_command"]
     daemon.start()
     daemon.wait_gone(path)
-    assert daemon.call("getStorageServerList") == {}
+    daemon.wait_nothing_listed()
     daemon.stop()
     db = sqlite3.connect(Path(daemon.settings["state_dir"]) / "vdsmconn.db")
     try:
@@ -298,7 +298,7 @@ def test_failed_teardown_is_listed_with_its_error_until_it_succeeds(tmp_path: Pa
         assert mounted(path) is not None
         busy.unlink()
         d.wait_gone(path)
-        d._until("the teardown finished", lambda: d.call("getStorageServerList") == {}, 20)
+        d.wait_nothing_listed()
     finally:
         busy.unlink(missing_ok=True)
         d.cleanup()
