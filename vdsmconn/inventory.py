@@ -242,8 +242,10 @@ class Inventory:
 
     async def _block_domains(self, cids: list[str], domains: dict[tuple[str, str], Any],
                              problems: list[dict[str, Any]]) -> None:
-        luns, _failed, gone = await self._scan_devices(cids)
-        problems += gone
+        luns, failed, gone = await self._scan_devices(cids)
+        # A device that could not be read is not shown to LVM: say so, the list may lack it.
+        problems += gone + [{"key": None, "path": f["path"], "connectionIDs": f["connectionIDs"],
+                             "error": f["error"]} for f in failed]
         owners = {lun.path: lun.cids for lun in luns}
         try:
             found = await lvm.block_domains(self.runner, sorted(owners),

@@ -62,6 +62,11 @@ def hanging(path: Path) -> Iterator[None]:
             os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))  # the reader gets EOF
 
 
+def runner_calls(inv: Inventory) -> list[tuple[str, ...]]:
+    assert isinstance(inv.runner, FakeRunner)
+    return inv.runner.argvs
+
+
 async def test_one_entry_per_lun_with_every_session_and_cid(host: FakeHost) -> None:
     for sid, (nic, disk) in enumerate((("eth1", "sdb"), ("eth2", "sdc")), start=1):
         netdev(host.sys, nic)
@@ -100,6 +105,11 @@ async def test_hung_device_is_480_while_the_others_answer(host: FakeHost) -> Non
         assert time.monotonic() - start < 0.2
         assert "an earlier read has not returned yet" in again["devices"][0]["error"]["message"]
         assert [t.name for t in threading.enumerate()].count("probe reading /sys of sdc") == 1
+        # Block domains: LVM is not shown the device it could not read; the reply says so.
+        domains = await inv.domains(["b"])
+        assert domains["domains"] == [] and runner_calls(inv) == []
+        (problem,) = domains["errors"]
+        assert problem["path"] == "/dev/sdc" and problem["error"]["code"] == 480
     good, hung = found["devices"]
     assert good["path"] == "/dev/sdb" and good["connectionIDs"] == ["a"]
     assert hung["path"] == "/dev/sdc" and hung["connectionIDs"] == ["b"]
