@@ -55,3 +55,23 @@ class NetnsLink:
         sh("ip", "link", "del", self.link, check=False)
         sh("ip", "route", "del", "unreachable", f"{self.subnet}.0/24", "metric", "4000",
            check=False)
+
+
+class InNetns:
+    """A server that lives in the namespace of its `net`."""
+
+    @property
+    def net(self) -> NetnsLink:
+        raise NotImplementedError
+
+    @property
+    def ns(self) -> str:
+        return self.net.ns
+
+    @property
+    def link(self) -> str:
+        return self.net.link
+
+    @property
+    def address(self) -> str:
+        return self.net.address

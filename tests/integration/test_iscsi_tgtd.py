@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from tests.daemon import Daemon
-from tests.netns import NetnsLink, sh
+from tests.netns import InNetns, NetnsLink, sh
 from vdsmconn import config, connectors
 from vdsmconn.clock import FakeClock
 from vdsmconn.connectors.base import HostContext
@@ -50,7 +50,7 @@ USER = "vdsmuser"
 
 
 @dataclass
-class Tgtd:
+class Tgtd(InNetns):
     work: Path
     tag: int
     proc: subprocess.Popen[bytes] | None = None
@@ -58,18 +58,6 @@ class Tgtd:
     @property
     def net(self) -> NetnsLink:
         return NetnsLink(f"vcis{self.tag}", f"10.252.{self.tag % 250}")
-
-    @property
-    def ns(self) -> str:
-        return self.net.ns
-
-    @property
-    def link(self) -> str:
-        return self.net.link
-
-    @property
-    def address(self) -> str:
-        return self.net.address
 
     @property
     def control(self) -> str:

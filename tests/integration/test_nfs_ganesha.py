@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from tests.daemon import Daemon
-from tests.netns import NetnsLink, sh
+from tests.netns import InNetns, NetnsLink, sh
 
 pytestmark = [
     pytest.mark.root,
@@ -74,7 +74,7 @@ def listening(address: str, port: int) -> bool:
 
 
 @dataclass
-class NfsServer:
+class NfsServer(InNetns):
     """ganesha + rpcbind in netns `ns`, reachable at `address` through `link` (host side)."""
 
     work: Path
@@ -86,18 +86,6 @@ class NfsServer:
     @property
     def net(self) -> NetnsLink:
         return NetnsLink(f"vcnfs{self.tag}", f"10.251.{int(self.tag) % 250}")
-
-    @property
-    def ns(self) -> str:
-        return self.net.ns
-
-    @property
-    def link(self) -> str:
-        return self.net.link
-
-    @property
-    def address(self) -> str:
-        return self.net.address
 
     @property
     def export(self) -> str:

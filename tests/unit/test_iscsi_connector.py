@@ -357,8 +357,8 @@ def test_secret_masked_in_logged_argv() -> None:
     assert PASSWORD not in " ".join(mask_argv(argv2))
 
 
-async def test_rp_filter_loosened_off_route_and_restored(sysfs: Path,
-                                                         runner: HostRunner) -> None:
+def strict_bond(sysfs: Path, runner: HostRunner) -> None:
+    """eth1 and eth2 with strict rp_filter; eth1 is the route to the portal."""
     expect_setup(runner)
     runner.expect(["ip", "-o", "route", "get", "10.77.4.2"],
                   stdout="10.77.4.2 dev eth1 src 10.77.4.1 uid 0 \\    cache \n")
@@ -367,6 +367,11 @@ async def test_rp_filter_loosened_off_route_and_restored(sysfs: Path,
         conf = sysfs / "proc-net-conf" / name
         conf.mkdir(parents=True)
         (conf / "rp_filter").write_text("1\n")
+
+
+async def test_rp_filter_loosened_off_route_and_restored(sysfs: Path,
+                                                         runner: HostRunner) -> None:
+    strict_bond(sysfs, runner)
     c = make(sysfs, runner)
     s = spec(netIfaceNames=("eth1", "eth2"))
     await c.connect(s)
@@ -382,14 +387,7 @@ async def test_rp_filter_restored_by_a_restarted_daemon(sysfs: Path,
                                                         runner: HostRunner) -> None:
     """Loosened by one daemon, which stops before the last session goes: the next one,
     which never loosened it, restores it when it disconnects."""
-    expect_setup(runner)
-    runner.expect(["ip", "-o", "route", "get", "10.77.4.2"],
-                  stdout="10.77.4.2 dev eth1 src 10.77.4.1 uid 0 \\    cache \n")
-    for name in ("eth1", "eth2"):
-        netdev(sysfs, name)
-        conf = sysfs / "proc-net-conf" / name
-        conf.mkdir(parents=True)
-        (conf / "rp_filter").write_text("1\n")
+    strict_bond(sysfs, runner)
     s = spec(netIfaceNames=("eth1", "eth2"))
     await make(sysfs, runner).connect(s)
     rp = sysfs / "proc-net-conf" / "eth2" / "rp_filter"

@@ -13,12 +13,13 @@ def make_link(target: str, link: str) -> None:
     """Point `link` at `target`, atomically replacing a link that points elsewhere."""
     os.makedirs(os.path.dirname(link), 0o755, exist_ok=True)
     try:
-        if os.readlink(link) == target:
-            return
+        current: str | None = os.readlink(link)
     except FileNotFoundError:
-        pass  # nothing there yet: created below
+        current = None  # nothing there yet: created below
     except OSError as e:
         raise errors.ConnectError(f"{link} exists and is not a link") from e
+    if current == target:
+        return
     tmp = f"{link}.vdsmconn-tmp"
     if os.path.lexists(tmp):
         os.unlink(tmp)
