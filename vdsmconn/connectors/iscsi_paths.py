@@ -207,7 +207,6 @@ class RpFilter:
             return
         log.info("RP_FILTER netdev=%s restored to %s", netdev, value)
 
-
     def _keep(self, netdev: str, value: str) -> None:
         if self.saved_dir is None:
             return
