@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.daemon import Daemon
+from tests.daemon import Daemon, running
 from vdsmconn.host import mountinfo
 
 pytest_plugins = ["tests.guest.plugin"]
@@ -92,12 +92,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
     """A running daemon; torn down with everything it mounted."""
-    d = Daemon(tmp_path)
-    try:
-        d.start()
+    with running(tmp_path) as d:
         yield d
-    finally:
-        d.cleanup()
 
 
 @pytest.fixture

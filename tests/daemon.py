@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +173,17 @@ class Daemon:
             if m.mountpoint.startswith(self.mount_root + "/"):
                 subprocess.run(["umount", "-l", m.mountpoint], check=False, timeout=30)
         shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running(base: Path, **settings: Any) -> Iterator[Daemon]:
+    """A started daemon (settings as for `Daemon`), cleaned up afterwards."""
+    d = Daemon(base, **settings)
+    try:
+        d.start()
+        yield d
+    finally:
+        d.cleanup()
 
 
 def mounted(path: str) -> mountinfo.Mount | None:

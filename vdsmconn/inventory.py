@@ -12,7 +12,6 @@ a read hangs, calls that need the same read get 480 at once: hung threads do not
 from __future__ import annotations
 
 import asyncio
-import errno
 import functools
 import logging
 import os
@@ -23,6 +22,7 @@ from typing import Any, TypeVar
 from vdsmconn import errors
 from vdsmconn.config import Config
 from vdsmconn.connectors.base import Connector
+from vdsmconn.connectors.mount import STALE_ERRNOS
 from vdsmconn.host import blockdev, lvm, probe, sdmeta
 from vdsmconn.host.command import CommandRunner
 from vdsmconn.host.iscsi_parse import Session, read_sessions
@@ -39,7 +39,6 @@ from vdsmconn.state.desired import DesiredState
 
 log = logging.getLogger(__name__)
 
-STALE = (errno.ESTALE, errno.ENOTCONN, errno.EIO)
 T = TypeVar("T")
 
 
@@ -74,7 +73,7 @@ def _error(e: BaseException, what: str) -> dict[str, Any]:
     if isinstance(e, errors.Error):
         return {"code": e.code, "message": e.message}
     if isinstance(e, OSError):
-        code = errors.StaleMount.code if e.errno in STALE else errors.GeneralError.code
+        code = errors.StaleMount.code if e.errno in STALE_ERRNOS else errors.GeneralError.code
         return {"code": code, "message": f"{what}: {e.strerror or e}"}
     return {"code": errors.GeneralError.code, "message": f"{what}: {e}"}
 
@@ -184,7 +183,7 @@ class Inventory:
                 for device in p["devices"]:
                     name = os.path.basename(device)  # "/dev/" + the kernel's name
                     out.append((name, None if s is None else {
-                        "sid": s.sid, "portal": _portal(s), "iqn": s.iqn, "iface": s.iface,
+                        "sid": s.sid, "portal": s.portal, "iqn": s.iqn, "iface": s.iface,
                         "netdev": s.netdev or p["netdev"], "device": f"/dev/{name}"}))
             return out
         if isinstance(spec, ManagedSpec):
@@ -270,7 +269,3 @@ def _merge(entry: dict[str, Any], cids: set[str], path: str) -> None:
     entry["paths"] = sorted(set(entry["paths"]) | {path})
     entry["path"] = entry["paths"][0]
 
-
-def _portal(s: Session) -> str:
-    host = f"[{s.address}]" if ":" in s.address else s.address
-    return f"{host}:{s.port}"

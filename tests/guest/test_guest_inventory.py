@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.daemon import Daemon
+from tests.daemon import Daemon, running
 from tests.guest.fixtures import (
     IscsiTarget,
     IscsiTargetFactory,
@@ -37,13 +37,9 @@ def report(what: str, reply: Any) -> None:
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    d = Daemon(tmp_path, supervisor={"probe_interval": 2, "probe_timeout": 5,
-                                     "command_timeout": 30})
-    try:
-        d.start()
+    with running(tmp_path, supervisor={"probe_interval": 2, "probe_timeout": 5,
+                                       "command_timeout": 30}) as d:
         yield d
-    finally:
-        d.cleanup()
 
 
 def test_nfs_export_holding_a_domain_is_listed(daemon: Daemon, nfs_export: NfsExport) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.daemon import Daemon
+from tests.daemon import Daemon, running
 from tests.guest.fixtures import (
     IQN_PREFIX,
     LUN_ROOT,
@@ -52,13 +52,9 @@ def report(what: str, **figures: Any) -> None:
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    d = Daemon(tmp_path, supervisor={"probe_interval": 1, "probe_timeout": 5,
-                                     "command_timeout": 30})
-    try:
-        d.start()
+    with running(tmp_path, supervisor={"probe_interval": 1, "probe_timeout": 5,
+                                       "command_timeout": 30}) as d:
         yield d
-    finally:
-        d.cleanup()
 
 
 def conn(target: IscsiTarget, **fields: Any) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.daemon import Daemon, mounted
+from tests.daemon import Daemon, mounted, running
 from tests.guest.fixtures import NfsExport
 from vdsmconn.host import mountinfo
 
@@ -22,13 +22,9 @@ pytestmark = pytest.mark.guest
 @pytest.fixture
 def nfs_daemon(tmp_path: Path) -> Iterator[Daemon]:
     """A daemon with short timeouts: mount.nfs retries a dead server for 2 minutes."""
-    d = Daemon(tmp_path, supervisor={"probe_interval": 1, "probe_timeout": 3,
-                                     "command_timeout": 10})
-    try:
-        d.start()
+    with running(tmp_path, supervisor={"probe_interval": 1, "probe_timeout": 3,
+                                       "command_timeout": 10}) as d:
         yield d
-    finally:
-        d.cleanup()
 
 
 def nfs(export: NfsExport, version: str, **fields: Any) -> dict[str, Any]:

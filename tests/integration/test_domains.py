@@ -86,7 +86,8 @@ def vcfuse(tmp_path: Path) -> Iterator[VcFuse]:
         fs.kill_servers()
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"),
+                    reason="this kernel has no FUSE (/dev/fuse): no hung FUSE mount to make")
 def test_hung_fuse_mount_times_out_while_the_others_answer(tmp_path: Path,
                                                             vcfuse: VcFuse) -> None:
     # Probes far apart: the daemon must not repair the hung mount while the scan waits on it.

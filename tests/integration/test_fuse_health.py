@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.daemon import Daemon, mounted
+from tests.daemon import Daemon, mounted, running
 from tests.fusefs import MOUNT_COMMAND, VcFuse
 from vdsmconn.model import escape_mount_name
 
@@ -69,13 +69,9 @@ class Watcher:
 @pytest.fixture
 def fuse_daemon(tmp_path: Path) -> Iterator[Daemon]:
     """A daemon whose mount command starts vcfuse for `-t fuse.vcfuse`."""
-    d = Daemon(tmp_path, mount_command=MOUNT_COMMAND,
-               supervisor={"probe_interval": PROBE_INTERVAL, "probe_timeout": PROBE_TIMEOUT})
-    try:
-        d.start()
+    supervisor = {"probe_interval": PROBE_INTERVAL, "probe_timeout": PROBE_TIMEOUT}
+    with running(tmp_path, mount_command=MOUNT_COMMAND, supervisor=supervisor) as d:
         yield d
-    finally:
-        d.cleanup()
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from vdsmconn.model import MountSpec
 log = logging.getLogger(__name__)
 
 # errno values that mean the mount is dead rather than merely refusing us.
-_STALE = {errno.ESTALE, errno.ENOTCONN, errno.EIO, errno.EHOSTDOWN, errno.ETIMEDOUT,
+STALE_ERRNOS = {errno.ESTALE, errno.ENOTCONN, errno.EIO, errno.EHOSTDOWN, errno.ETIMEDOUT,
           errno.ECONNABORTED}
 
 
@@ -235,7 +235,7 @@ def _remove_dir(path: str) -> None:
 
 def _os_error(path: str, e: OSError) -> errors.Error:
     reason = os.strerror(e.errno) if e.errno else str(e)
-    if e.errno in _STALE:
+    if e.errno in STALE_ERRNOS:
         return errors.StaleMount(f"{path}: {reason}", {"errno": e.errno})
     if e.errno in (errno.EACCES, errno.EPERM):
         return errors.AccessPermissionError(f"{path}: {reason}", {"errno": e.errno})

@@ -15,6 +15,12 @@ EMPTY = "<empty>"
 TPGT_UNKNOWN = 4294967295  # what iscsiadm shows for a node record made without a tpgt
 
 
+def portal_text(address: str, port: int) -> str:
+    """`address:port`, an IPv6 address in brackets."""
+    host = f"[{address}]" if ":" in address else address
+    return f"{host}:{port}"
+
+
 def _value(text: str) -> str | None:
     text = text.strip()
     return None if text in ("", EMPTY) else text
@@ -41,8 +47,7 @@ class Target:
 
     @property
     def portal(self) -> str:
-        host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"{host}:{self.port}"
+        return portal_text(self.address, self.port)
 
     def to_wire(self) -> dict[str, object]:
         return {"portal": self.portal, "tpgt": self.tpgt, "iqn": self.iqn}
@@ -62,6 +67,10 @@ class Session:
     state: str | None = None  # LOGGED_IN, FAILED, FREE (sysfs / -P 3 session state)
     connection_state: str | None = None
     disks: tuple[str, ...] = field(default_factory=tuple)  # sda, ...
+
+    @property
+    def portal(self) -> str:
+        return portal_text(self.address, self.port)
 
     @property
     def logged_in(self) -> bool:
