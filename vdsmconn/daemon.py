@@ -82,6 +82,7 @@ class Daemon:
         tls: TlsServer | None = None
         scrape: metrics.MetricsServer | None = None
         reconciler: Reconciler | None = None
+        service: Service | None = None
         status: systemd.StatusReporter | None = None
         try:
             desired = await self.load_desired(store)
@@ -154,6 +155,9 @@ class Daemon:
                 await tls.close()
             if server is not None:
                 await server.close()
+            if service is not None:
+                # Changes whose clients went away still finish (and reach the disk).
+                await service.drain(cfg.supervisor.command_timeout)
             if reconciler is not None:
                 await reconciler.close()
             await runner.close()

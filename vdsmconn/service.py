@@ -11,8 +11,8 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, TypeVar
 
 from vdsmconn import __version__, errors
 from vdsmconn.clock import Clock
@@ -41,6 +41,7 @@ from vdsmconn.state.store import Delete, DeleteTeardown, Op, Put, PutTeardown, S
 log = logging.getLogger(__name__)
 
 ERROR_STATES = (State.FAILED, State.STUCK)
+T = TypeVar("T")
 BACKENDS_TTL = 10.0  # seconds getHostInfo may show a backend's availability unchanged
 
 
@@ -63,6 +64,7 @@ class Service:
         self._backends_cache: tuple[float, dict[str, Any]] | None = None
         self._lock_users: dict[str, int] = {}
         self._changed = asyncio.Event()  # set and replaced on every desired or actual change
+        self._changes: set[asyncio.Task[Any]] = set()  # desired-state changes in flight
         actual.listen(self._on_change)
         reconciler.on_torn_down = self.torn_down
 
@@ -92,13 +94,41 @@ class Service:
 
     # --- changes -------------------------------------------------------------------------
 
+    async def _durable(self, change: Callable[[], Coroutine[Any, Any, T]], what: str) -> T:
+        """Run a change of the desired state to its end whatever happens to the caller.
+
+        A client that hangs up (its request is cancelled) must not leave memory and disk
+        apart, nor a change made without its effects: the change runs in a task of its own
+        that the caller only waits for. It is undone only when the store itself fails.
+        """
+        task: asyncio.Task[T] = asyncio.get_running_loop().create_task(change(), name=what)
+        self._changes.add(task)
+        task.add_done_callback(self._change_done)
+        return await asyncio.shield(task)
+
+    def _change_done(self, task: asyncio.Task[Any]) -> None:
+        self._changes.discard(task)
+        if not task.cancelled() and (e := task.exception()) is not None and \
+                not isinstance(e, errors.Error):
+            log.error("CHANGE %s failed: %s", task.get_name(), e)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait for changes still in flight (their clients may be gone) before stopping."""
+        if self._changes:
+            await asyncio.wait(set(self._changes), timeout=timeout)
+
     async def manage(self, cid: str, spec: ConnectionSpec) -> dict[str, Any]:
+        return await self._durable(lambda: self._manage(cid, spec), f"manage {cid}")
+
+    async def _manage(self, cid: str, spec: ConnectionSpec) -> dict[str, Any]:
         async with self._locked([cid]):
             if self.desired.check_manage(cid, spec):
+                # Applied first, so a concurrent manage of the same key is checked against
+                # it; a supervisor seeing the extra reference early changes nothing.
                 self.desired.apply_put(cid, spec)
                 try:
                     await self.store.commit([Put(cid, str(spec.key), spec.to_store())])
-                except BaseException:
+                except Exception:
                     self.desired.apply_delete(cid)
                     raise
                 log.info("MANAGE cid=%s key=%s refs=%d", cid, spec.key,
@@ -108,16 +138,22 @@ class Service:
         return {"connectionID": cid, "key": str(spec.key)}
 
     async def update(self, cid: str, spec: ConnectionSpec) -> dict[str, Any]:
+        return await self._durable(lambda: self._update(cid, spec), f"update {cid}")
+
+    async def _update(self, cid: str, spec: ConnectionSpec) -> dict[str, Any]:
         async with self._locked([cid]):
             old = self.desired.get(cid)
             if self.desired.check_update(cid, spec) and old is not None:
-                self.desired.apply_put(cid, spec)
-                ops: list[Op] = [Put(cid, str(spec.key), spec.to_store())]
-                try:
-                    await self.store.commit(ops + self._teardowns([old]))
-                except BaseException:
-                    self.desired.apply_put(cid, old.spec)
-                    raise
+                # The key the CID leaves is held until the change is durable: its
+                # supervisor must not tear it down for a change that may still be undone.
+                with self.desired.holding([old.key]):
+                    self.desired.apply_put(cid, spec)
+                    ops: list[Op] = [Put(cid, str(spec.key), spec.to_store())]
+                    try:
+                        await self.store.commit(ops + self._teardowns([old]))
+                    except Exception:
+                        self.desired.apply_put(cid, old.spec)
+                        raise
                 log.info("UPDATE cid=%s key=%s->%s", cid, old.key, spec.key)
                 self.reconciler.kick(old.key)
                 self.reconciler.kick(spec.key)
@@ -125,27 +161,32 @@ class Service:
         return {"connectionID": cid, "key": str(spec.key)}
 
     async def unmanage(self, cid: str | None, prefix: str | None) -> dict[str, Any]:
+        what = f"unmanage {cid}" if cid is not None else f"unmanage prefix {prefix}"
+        return await self._durable(lambda: self._unmanage(cid, prefix), what)
+
+    async def _unmanage(self, cid: str | None, prefix: str | None) -> dict[str, Any]:
         targets = [cid] if cid is not None else self.desired.with_prefix(prefix or "")
         async with self._locked(targets):
             if cid is not None:
                 self.desired.check_unmanage(cid)
             entries = [e for e in (self.desired.get(c) for c in targets) if e is not None]
-            for entry in entries:
-                self.desired.apply_delete(entry.cid)
-            try:
-                if entries:
+            if not entries:
+                return {"connectionIDs": []}
+            with self.desired.holding([e.key for e in entries]):
+                for entry in entries:
+                    self.desired.apply_delete(entry.cid)
+                try:
                     ops: list[Op] = [Delete(e.cid) for e in entries]
                     await self.store.commit(ops + self._teardowns(entries))
-            except BaseException:
-                for entry in entries:
-                    self.desired.apply_put(entry.cid, entry.spec)
-                raise
+                except Exception:
+                    for entry in entries:
+                        self.desired.apply_put(entry.cid, entry.spec)
+                    raise
             for entry in entries:
                 log.info("UNMANAGE cid=%s key=%s refs=%d", entry.cid, entry.key,
                          self.desired.refs(entry.key))
                 self.reconciler.kick(entry.key)
-            if entries:
-                self._on_change()
+            self._on_change()
         return {"connectionIDs": [e.cid for e in entries]}
 
     def _teardowns(self, left: list[Entry]) -> list[Op]:

@@ -166,3 +166,25 @@ async def test_one_operation_at_a_time_per_key(world: World, tmp_path: Path) -> 
     states = [new for k, _, new in world.changes if k == str(key)]
     assert states == [State.CONNECTING, State.CONNECTED]
     assert len(world.rec._supervisors) == 1
+
+
+async def test_held_key_is_not_torn_down_until_the_change_is_durable(
+        world: World, tmp_path: Path) -> None:
+    """An unmanage not yet on disk may still be undone: its key stays up meanwhile."""
+    data = tmp_path / "held"
+    data.mkdir()
+    key = world.manage("c", LocalSpec(connection=str(data)))
+    await until(lambda: world.actual.get(key) and world.status(key).state == State.CONNECTED, "")
+    with world.desired.holding([key]):
+        world.desired.apply_delete("c")
+        await world.clock.advance(100)  # probe intervals pass while the commit is pending
+        await world.settle()
+        assert world.status(key).state == State.CONNECTED
+        world.desired.apply_put("c", LocalSpec(connection=str(data)))  # the store failed
+    await world.clock.advance(100)
+    await world.settle()
+    assert world.status(key).state == State.CONNECTED
+    with world.desired.holding([key]):
+        world.desired.apply_delete("c")
+    world.rec.kick(key)  # durable now
+    await until(lambda: world.actual.get(key) is None, "")

@@ -98,6 +98,10 @@ class Supervisor:
     async def run(self) -> None:
         while True:
             desired = self.rec.desired.spec_of(self.key)
+            if desired is None and self.rec.desired.held(self.key):
+                # Its last CID is going, not yet durably: the change kicks us when it is.
+                await self._pause(self.rec.config.supervisor.probe_interval)
+                continue
             if desired is None:
                 gone = self.spec is None or await self._teardown(self.spec)
                 # No await between this check and leaving the table: a kick that comes
@@ -132,7 +136,7 @@ class Supervisor:
         attempts = status.attempts + 1 if status and status.state != State.CONNECTED else 1
         self._set(State.CONNECTING, attempts=attempts)
         try:
-            async with self.rec.operations:
+            async with self.rec.limits.slot(spec):
                 found = await connector.connect(spec)
         except errors.Error as e:
             log.warning("CONNECT key=%s failed code=%s: %s", self.key, e.code, e.message)
@@ -184,7 +188,7 @@ class Supervisor:
         """Tear a broken connection down by force; the loop then brings it up again: at once
         the first time, after a growing pause when it keeps breaking right after."""
         try:
-            async with self.rec.operations:
+            async with self.rec.limits.slot(spec):
                 await self._connector(spec).disconnect(spec, force=True)
         except errors.Error as e:
             log.warning("RECOVER key=%s disconnect failed: %s", self.key, e.message)
@@ -202,7 +206,7 @@ class Supervisor:
         """Disconnect; True when it is gone, False after a failure (and its backoff)."""
         self._set(State.DISCONNECTING, next_retry=None)
         try:
-            async with self.rec.operations:
+            async with self.rec.limits.slot(spec):
                 await self._connector(spec).disconnect(spec)
         except errors.Error as e:
             log.warning("DISCONNECT key=%s failed code=%s: %s", self.key, e.code, e.message)

@@ -2,12 +2,14 @@
 
 Every change is checked (`check_*`), then applied (`apply_*`) before it is written to disk,
 so the next request is checked against it; the caller undoes it if the write fails. The
-caller serializes changes per CID, which makes the undo exact.
+caller serializes changes per CID, which makes the undo exact. Keys a change may leave
+without a CID are `held` until it is durable: nothing may tear them down before.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from vdsmconn import errors
@@ -28,6 +30,7 @@ class DesiredState:
     def __init__(self) -> None:
         self._cids: dict[str, Entry] = {}
         self._keys: dict[ConnectionKey, set[str]] = {}
+        self._held: dict[ConnectionKey, int] = {}
 
     # --- queries -------------------------------------------------------------------------
 
@@ -54,6 +57,24 @@ class DesiredState:
         if not cids:
             return None
         return self._cids[next(iter(cids))].spec
+
+    def held(self, key: ConnectionKey) -> bool:
+        """True while a change that may still be undone has taken CIDs from `key`."""
+        return key in self._held
+
+    @contextlib.contextmanager
+    def holding(self, keys: Iterable[ConnectionKey]) -> Iterator[None]:
+        """Hold `keys` for the length of the block (a change being made durable)."""
+        keys = list(keys)
+        for key in keys:
+            self._held[key] = self._held.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            for key in keys:
+                self._held[key] -= 1
+                if not self._held[key]:
+                    del self._held[key]
 
     def with_prefix(self, prefix: str) -> list[str]:
         return sorted(cid for cid in self._cids if cid.startswith(prefix))
