@@ -53,6 +53,11 @@ class SupervisorConfig:
     probe_interval: float = 10.0
     probe_timeout: float = 10.0
     command_timeout: float = 60.0
+    # Connects, disconnects and recoveries running at once: in all, and on one remote server
+    # (or, for connections with no server, of one type), so one dead server cannot starve
+    # the others (SPEC 6).
+    max_operations: int = 64
+    max_operations_per_server: int = 16
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,9 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "supervisor.probe_interval": _POSITIVE,
     "supervisor.probe_timeout": _POSITIVE,
     "supervisor.command_timeout": _POSITIVE,
+    "supervisor.max_operations": (lambda v: 1 <= v <= 4096, "an integer from 1 to 4096"),
+    "supervisor.max_operations_per_server": (lambda v: 1 <= v <= 4096,
+                                             "an integer from 1 to 4096"),
     "lvm_command": (lambda v: bool(v.strip()), "a command"),
     "iscsi.parallel_logins": (lambda v: 1 <= v <= 256, "an integer from 1 to 256"),
     "iscsi.login_retries": (lambda v: 0 <= v <= 100, "an integer from 0 to 100"),
@@ -207,6 +215,11 @@ def load(path: str | None = None, base: Config | None = None) -> Config:
 
 def check_complete(config: Config) -> None:
     """Checks across keys that may come from different files, once all are merged."""
+    sup = config.supervisor
+    if sup.max_operations_per_server > sup.max_operations:
+        raise ConfigError(f"supervisor.max_operations_per_server"
+                          f" ({sup.max_operations_per_server})"
+                          f" is above supervisor.max_operations ({sup.max_operations})")
     tcp = config.rpc.tcp
     if tcp.listen is not None:
         for name in ("cert", "key", "ca"):

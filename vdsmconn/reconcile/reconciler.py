@@ -14,15 +14,12 @@ from vdsmconn.connectors.base import Connector
 from vdsmconn.connectors.mount import read_mounts
 from vdsmconn.host.mountinfo import Mount
 from vdsmconn.model import ConnectionKey, ConnectionSpec, State
+from vdsmconn.reconcile.limits import Limits
 from vdsmconn.reconcile.supervisor import Supervisor
 from vdsmconn.state.actual import ActualState, ErrorInfo
 from vdsmconn.state.desired import DesiredState
 
 log = logging.getLogger(__name__)
-
-# Connects and disconnects running at once, across all keys (a start-up with a thousand
-# connections must not fork a thousand mount commands at the same time).
-MAX_OPERATIONS = 16
 
 
 class Reconciler:
@@ -36,7 +33,11 @@ class Reconciler:
         self.connectors = connectors
         self.clock = clock
         self.mounts: dict[str, Mount] = {}
-        self.operations = asyncio.Semaphore(MAX_OPERATIONS)
+        # Connects, disconnects and recoveries run in a slot of their server's bucket and a
+        # host-wide one: a start-up with a thousand keys does not fork a thousand mounts,
+        # and keys on a dead server cannot take the slots of the others.
+        sup = config.supervisor
+        self.limits = Limits(sup.max_operations, sup.max_operations_per_server)
         self._supervisors: dict[ConnectionKey, Supervisor] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
