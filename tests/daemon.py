@@ -145,13 +145,14 @@ class Daemon:
         return status
 
     def wait_error(self, cid: str, code: int, timeout: float = 30.0) -> dict[str, Any]:
-        """Until the status of `cid` shows an error with `code`; returns that status."""
+        """Until the status of `cid` shows an error with `code`, now or as its last failure
+        (a quick recovery may have cleared it already); returns that status."""
         status: dict[str, Any] = {}
 
         def check() -> bool:
             nonlocal status
             status = self.call("getStorageServerList", connectionIDs=[cid])[cid]
-            return bool(status["lastError"]) and status["lastError"]["code"] == code
+            return bool(failure(status)) and failure(status)["code"] == code
         self._until(f"{cid} has no error {code}", check, timeout)
         return status
 
@@ -184,6 +185,12 @@ def running(base: Path, **settings: Any) -> Iterator[Daemon]:
         yield d
     finally:
         d.cleanup()
+
+
+def failure(status: dict[str, Any]) -> dict[str, Any]:
+    """The error a status shows now, or else its last failure ({} if none)."""
+    found: dict[str, Any] = status["lastError"] or status["lastFailure"] or {}
+    return found
 
 
 def mounted(path: str) -> mountinfo.Mount | None:

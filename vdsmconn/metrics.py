@@ -131,10 +131,10 @@ class Metrics:
             elif change.new == State.UNCERTAIN:
                 rec.was_up = True
             status = change.status
-            if status is not None and status.last_error is not None \
-                    and status.last_error is not rec.last_error:
-                rec.last_error = status.last_error
-                name = reason(status.last_error.code)
+            if status is not None and status.last_failure is not None \
+                    and status.last_failure is not rec.last_error:
+                rec.last_error = status.last_failure
+                name = reason(status.last_failure.code)
                 rec.errors[name] = rec.errors.get(name, 0) + 1
 
     def remember_type(self, key: ConnectionKey, type_: str) -> None:
@@ -300,8 +300,8 @@ class _StateCollector(Collector):
             last = max(filter(None, (healthy, rec.last_success)), default=None)
             if last is not None:
                 success.add_metric(lv, last)
-            if status.last_error is not None:
-                failure.add_metric(lv, status.last_error.time)
+            if status.last_failure is not None:
+                failure.add_metric(lv, status.last_failure.time)
             for iface, path_up in _paths(status.paths):
                 paths.add_metric([*lv, iface], path_up)
         for name, n in counts.items():

@@ -65,6 +65,8 @@ class Service:
         self._lock_users: dict[str, int] = {}
         self._changed = asyncio.Event()  # set and replaced on every desired or actual change
         self._changes: set[asyncio.Task[Any]] = set()  # desired-state changes in flight
+        # CIDs whose going left a key without any, for its events until it is gone.
+        self._departed: dict[ConnectionKey, list[str]] = {}
         actual.listen(self._on_change)
         reconciler.on_torn_down = self.torn_down
 
@@ -91,6 +93,18 @@ class Service:
     def _on_change(self, change: Change | None = None) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
+        if change is not None and change.new is None and change.key in self._departed:
+            # Every listener hears of this change before the next turn of the loop.
+            asyncio.get_running_loop().call_soon(self._departed.pop, change.key, None)
+
+    def _left(self, cid: str, key: ConnectionKey) -> None:
+        """`cid` no longer refers to `key` (durably)."""
+        if not self.desired.refs(key):
+            self._departed.setdefault(key, []).append(cid)
+
+    def cids_of(self, key: ConnectionKey) -> list[str]:
+        """The CIDs of `key`, or those that went with its last reference."""
+        return self.desired.cids_of(key) or sorted(self._departed.get(key, ()))
 
     # --- changes -------------------------------------------------------------------------
 
@@ -133,6 +147,7 @@ class Service:
                     raise
                 log.info("MANAGE cid=%s key=%s refs=%d", cid, spec.key,
                          self.desired.refs(spec.key))
+                self._departed.pop(spec.key, None)
                 self.reconciler.kick(spec.key)
                 self._on_change()
         return {"connectionID": cid, "key": str(spec.key)}
@@ -155,6 +170,9 @@ class Service:
                         self.desired.apply_put(cid, old.spec)
                         raise
                 log.info("UPDATE cid=%s key=%s->%s", cid, old.key, spec.key)
+                self._departed.pop(spec.key, None)
+                if old.key != spec.key:
+                    self._left(cid, old.key)
                 self.reconciler.kick(old.key)
                 self.reconciler.kick(spec.key)
                 self._on_change()
@@ -185,6 +203,7 @@ class Service:
             for entry in entries:
                 log.info("UNMANAGE cid=%s key=%s refs=%d", entry.cid, entry.key,
                          self.desired.refs(entry.key))
+                self._left(entry.cid, entry.key)
                 self.reconciler.kick(entry.key)
             self._on_change()
         return {"connectionIDs": [e.cid for e in entries]}
@@ -221,10 +240,11 @@ class Service:
             "refs": self.desired.refs(key),
             "connection": spec.to_wire(),
             "lastError": st.last_error.to_wire() if st and st.last_error else None,
+            "lastFailure": st.last_failure.to_wire() if st and st.last_failure else None,
             "since": st.since if st else None,
             "attempts": st.attempts if st else 0,
             "nextRetry": st.next_retry if st else None,
-            "path": st.path if st else None,
+            "path": (st.path if st else None) or self._mount_point(spec),
             "paths": st.paths if st else None,
             "lastCheck": st.last_check if st else None,
         }
@@ -253,13 +273,17 @@ class Service:
                 out[f"unmanaged:{n}"] = found
         return out
 
+    def _mount_point(self, spec: ConnectionSpec | None) -> str | None:
+        """Where a file connection is (or will be) mounted; None for block connections."""
+        if isinstance(spec, MountSpec | LocalSpec):
+            return os.path.join(self.config.mount_root, spec.mount_name)
+        return None
+
     def managed_paths(self) -> set[str]:
         """Mount points of managed keys and of keys still being torn down."""
-        root = self.config.mount_root
         specs = [self.desired.spec_of(key) for key in self.desired.all_keys()]
         specs += [spec for _, spec in self.reconciler.leaving()]
-        return {os.path.join(root, spec.mount_name) for spec in specs
-                if isinstance(spec, MountSpec | LocalSpec)}
+        return {path for spec in specs if (path := self._mount_point(spec)) is not None}
 
     def _leaving(self) -> list[dict[str, Any]]:
         """Keys whose last CID went and whose teardown has not finished (a disconnect that
@@ -283,7 +307,8 @@ class Service:
                 "managed": False, "connected": True, "state": str(State.CONNECTED),
                 "key": "file:" + f["path"][len(root.rstrip("/")) + 1 :],
                 "refs": 0, "connection": {k: v for k, v in f.items() if k != "path"},
-                "lastError": None, "since": None, "attempts": 0, "nextRetry": None,
+                "lastError": None, "lastFailure": None, "since": None, "attempts": 0,
+                "nextRetry": None,
                 "path": f["path"], "paths": None, "lastCheck": now,
             }
             for f in found
@@ -304,7 +329,8 @@ class Service:
                 "key": f"iscsi:{x.address}:{x.port},{x.tpgt},{x.iqn},{x.iface}", "refs": 0,
                 "connection": {"type": "iscsi", "connection": x.address, "port": x.port,
                                "tpgt": x.tpgt, "iqn": x.iqn, "ifaceName": x.iface},
-                "lastError": None, "since": None, "attempts": 0, "nextRetry": None,
+                "lastError": None, "lastFailure": None, "since": None, "attempts": 0,
+                "nextRetry": None,
                 "path": None, "paths": None, "lastCheck": now,
             }
             for x in iscsi.unmanaged(specs)
@@ -402,7 +428,7 @@ class Service:
         def on_change(change: Change) -> None:
             st = change.status
             listener({
-                "connectionIDs": self.desired.cids_of(change.key),
+                "connectionIDs": self.cids_of(change.key),
                 "key": str(change.key),
                 "oldState": str(change.old) if change.old else None,
                 "newState": str(change.new) if change.new else None,

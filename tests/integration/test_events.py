@@ -250,3 +250,23 @@ def test_wait_shows_progress_until_connected(daemon: Daemon, tmp_path: Path) -> 
     assert any("  p1  connecting -> connected  key=file:" in line for line in progress), progress
     assert out.decode().splitlines()[1].split()[:3] == ["p1", "localfs", "connected"]
     daemon.call("unmanageStorageServer", connectionID="p1")
+
+
+def test_update_in_place_never_reports_the_key_gone_and_the_last_event_names_the_cids(
+    daemon: Daemon, collector: Collector
+) -> None:
+    daemon.call("manageStorageServer", connectionID="up", connection=tmpfs("vc-up"))
+    daemon.call("waitStorageServer", connectionIDs=["up"], timeout=20)
+    bigger = {**tmpfs("vc-up"), "mnt_options": "size=2m"}
+    daemon.call("updateStorageServer", connectionID="up", connection=bigger)
+    key = "file:vc-up"
+    collector.wait_for("reconnected after the update",
+                       lambda: collector.states(key)[-1:] == [("connecting", "connected")]
+                       and len(collector.states(key)) > 2)
+    assert all(new is not None for _, new in collector.states(key))
+    m = mounted(f"{daemon.mount_root}/vc-up")
+    assert m is not None and "size=2048k" in m.super_options
+    daemon.call("unmanageStorageServer", connectionID="up")
+    collector.wait_for("the key gone", lambda: collector.states(key)[-1][1] is None)
+    last = [e for e in collector.events if e["key"] == key][-1]
+    assert last["connectionIDs"] == ["up"]

@@ -26,8 +26,9 @@ class KeyStatus:
     key: ConnectionKey
     state: State
     since: float
-    last_error: ErrorInfo | None = None
-    attempts: int = 0
+    last_error: ErrorInfo | None = None  # None while connected
+    last_failure: ErrorInfo | None = None  # the last error, kept after recovery
+    attempts: int = 0  # since the last success
     next_retry: float | None = None
     path: str | None = None
     paths: list[dict[str, Any]] | None = None
@@ -66,7 +67,10 @@ class ActualState:
         return lambda: self._listeners.remove(listener)
 
     def set_state(self, key: ConnectionKey, state: State, now: float, **changes: Any) -> KeyStatus:
-        """Record a state (and other fields); listeners hear of state changes and errors."""
+        """Record a state (and other fields); listeners hear of state changes and errors.
+
+        A connected key has no current error (the last one stays as `last_failure`) and
+        no attempts since its last success."""
         status = self._keys.get(key)
         old = status.state if status else None
         if status is None:
@@ -77,6 +81,11 @@ class ActualState:
             status.since = now
         for name, value in changes.items():
             setattr(status, name, value)
+        if status.last_error is not None:
+            status.last_failure = status.last_error
+        if state in CONNECTED_STATES:
+            status.last_error = None
+            status.attempts = 0
         if old != state or "last_error" in changes:
             self._emit(Change(key, old, state, status, now))
         return status
