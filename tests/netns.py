@@ -50,6 +50,12 @@ class NetnsLink:
         sh("ip", "-n", self.ns, "link", "set", self.peer, "up")
         sh("ip", "-n", self.ns, "link", "set", "lo", "up")
 
+    def drop_input(self) -> None:
+        """Make the namespace a dead server: nftables drops every packet that comes in, so
+        connections to its address hang until their deadline instead of being refused."""
+        sh(*self.in_ns("nft", "add table inet vcdead; add chain inet vcdead input "
+                       "{ type filter hook input priority 0; policy drop; }"))
+
     def delete(self) -> None:
         sh("ip", "netns", "del", self.ns, check=False)
         sh("ip", "link", "del", self.link, check=False)
