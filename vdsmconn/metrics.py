@@ -332,9 +332,6 @@ class TimedConnector(Connector[Any]):
         self.inner = inner
         self._metrics = metrics
 
-    def __getattr__(self, name: str) -> Any:  # backend-specific extras
-        return getattr(self.inner, name)
-
     def available(self) -> str | None:
         return self.inner.available()
 
