@@ -22,6 +22,12 @@ def is_secret_name(name: str) -> bool:
     return any(word in lowered for word in SECRET_WORDS)
 
 
+def may_hold_secret(text: str) -> bool:
+    """Whether client text might carry a credential (`user:pw@`, `password=...`), so that an
+    error must not quote it."""
+    return "@" in text or is_secret_name(text)
+
+
 class Secret:
     """A value that must never be shown: its repr and str are a mask."""
 
@@ -121,23 +127,39 @@ class ConnectionKey:
 # --- specs ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ConnectionSpec(abc.ABC):
-    """Base of the typed connection specs. Subclasses are frozen dataclasses."""
+    """Base of the typed connection specs. Subclasses are frozen dataclasses declared with
+    `repr=False`, so that the repr below (secrets masked) is theirs too.
+
+    `engine_id` is the engine's UUID for the connection (its `id`): kept and stored, but no
+    part of the key or of equality, so a new id never makes a different connection.
+    """
 
     TYPE: ClassVar[str] = ""
+    engine_id: str | None = field(default=None, compare=False, kw_only=True,
+                                  metadata={"wire": "id", "store_only": True})
 
     @property
     @abc.abstractmethod
     def key(self) -> ConnectionKey:
         """The identity of the real connection this spec describes."""
 
+    def __repr__(self) -> str:
+        shown = {k: v for k, v in self.to_wire().items() if k != "type"}
+        if self.engine_id is not None:
+            shown["engine_id"] = self.engine_id
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
     def to_wire(self) -> dict[str, Any]:
-        """The connection as the client sent it (normalized), secrets masked."""
+        """The connection as the client sent it (normalized), secrets masked. The engine's id
+        is not in it (a status shows it as `engineID`)."""
         out: dict[str, Any] = {"type": self.TYPE}
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None or (f.metadata.get("omit_default") and value == f.default):
+            if value is None or f.metadata.get("store_only") or (
+                f.metadata.get("omit_default") and value == f.default
+            ):
                 continue
             if isinstance(value, Secret):
                 value = MASK
@@ -165,7 +187,7 @@ def _wire(name: str) -> Any:
     return field(default=None, metadata={"wire": name})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class MountSpec(ConnectionSpec):
     """A connection that is a mount under the mount root."""
 
@@ -197,7 +219,7 @@ class MountSpec(ConnectionSpec):
         return [opt for opt in self.mnt_options.split(",") if opt]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class PosixSpec(MountSpec):
     TYPE: ClassVar[str] = "posixfs"
 
@@ -205,7 +227,7 @@ class PosixSpec(MountSpec):
 NFS_VERSIONS = ("3", "4", "4.0", "4.1", "4.2", "auto")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class NfsSpec(MountSpec):
     TYPE: ClassVar[str] = "nfs"
     protocol_version: str = "3"
@@ -226,13 +248,13 @@ class NfsSpec(MountSpec):
         return opts + user
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class GlusterSpec(MountSpec):
     TYPE: ClassVar[str] = "glusterfs"
     SUBDIR: ClassVar[str] = "glusterSD"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class LocalSpec(ConnectionSpec):
     TYPE: ClassVar[str] = "localfs"
     connection: str = ""
@@ -246,7 +268,7 @@ class LocalSpec(ConnectionSpec):
         return ConnectionKey("file", self.mount_name)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class IscsiSpec(ConnectionSpec):
     TYPE: ClassVar[str] = "iscsi"
     connection: str = ""
@@ -277,7 +299,7 @@ class IscsiSpec(ConnectionSpec):
         return ConnectionKey("iscsi", f"{self.portal},{tpgt},{self.iqn},{via}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ManagedSpec(ConnectionSpec):
     TYPE: ClassVar[str] = "managed"
     volumeID: str = ""
@@ -296,7 +318,10 @@ class ManagedSpec(ConnectionSpec):
                 "connection_info": mask_secrets(self.info())}
 
     def to_store(self) -> dict[str, Any]:
-        return {"type": self.TYPE, "volumeID": self.volumeID, "connection_info": self.info()}
+        out = {"type": self.TYPE, "volumeID": self.volumeID, "connection_info": self.info()}
+        if self.engine_id is not None:
+            out["id"] = self.engine_id
+        return out
 
 
 def mask_options(options: str) -> str:

@@ -109,6 +109,8 @@ def test_bad_connections_name_the_field(value: Any, code: int, field: str) -> No
 @pytest.mark.parametrize(("cid", "ok"), [
     ("ENGINE_FLOW101_CON1", True), ("x" * 255, True), ("ünï cödé", True),
     ("", False), ("x" * 256, False), ("a/b", False), ("a\x00b", False), ("a\tb", False),
+    ("a\x7fb", False), ("a\x80b", False), ("a\x85b", False), ("a\x9fb", False),
+    ("\u0085", False), ("a\xa0b", True),
 ])
 def test_cid_rules(cid: str, ok: bool) -> None:
     if ok:
