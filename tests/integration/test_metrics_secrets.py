@@ -5,9 +5,11 @@ output it produced is searched for the secret values."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -105,3 +107,86 @@ def test_mount_failure_log_lines_mask_option_values(metrics_daemon: Daemon,
     assert runs and all(MOUNT not in line for line in runs)
     assert MOUNT not in log
     d.call("unmanageStorageServer", connectionID="m")
+
+
+# Distinctive secrets with the punctuation passwords have; each fragment is searched for too.
+PUNCT = "Hunter2!Secret$9431"
+QUOTED = 'Zq9431 "w\u00f6rd", p=x'
+FRAGMENTS = ("Hunter2", "Secret$9431", "Zq9431", "w\u00f6rd")
+IQN = "iqn.2003-01.org.example:bad-requests"
+
+
+def bad_requests() -> list[tuple[dict[str, Any] | str, int]]:
+    """(params of a manageStorageServer call, or a raw line; the error code expected)."""
+    def manage(connection: Any) -> dict[str, Any]:
+        return {"connectionID": "bad", "connection": connection}
+    q = urllib.parse.quote
+    return [
+        (manage({"type": "posixfs", "connection": "//srv/share", "vfs_type": "cifs",
+                 "mnt_options": f"username=u,password={PUNCT},a b"}), 1000),
+        (manage({"type": "posixfs", "connection": "//srv/share",
+                 "mnt_options": f"password={QUOTED}"}), 1000),
+        (manage({"type": "iscsi", "connection": "h", "iqn": "bad", "user": "u",
+                 "password": PUNCT}), 1000),
+        (manage({"type": "iscsi", "connection": "h", "iqn": IQN, "user": "u",
+                 "password": QUOTED, "port": "x"}), -32602),
+        (manage({"type": "iscsi", "connection": "bad host", "iqn": IQN, "user": "u",
+                 "password": QUOTED}), 1000),
+        (manage({"type": "nfs", "connection": "s:/e", "password": PUNCT}), 1000),
+        (manage({"type": "nfs", "connection": "s:/e", "auth_key": PUNCT}), -32602),
+        (manage(f"nfs://u:{q(PUNCT, safe='')}@s/e"), 1000),
+        (manage(f"nfs://s:{q(QUOTED, safe='')}/e"), 1000),
+        (manage(f"ftp://u:{q(QUOTED, safe='')}@s/e"), 1000),
+        (manage(f"iscsi://h/{IQN}?password={q(PUNCT, safe='')}"), 1000),
+        (manage({"type": "managed", "volumeID": "v", "connection_info": {
+            "driver_volume_type": 5, "data": {"auth_password": PUNCT}}}), -32602),
+        ({"connectionID": "bad\u0085", "connection": {
+            "type": "iscsi", "connection": "h", "iqn": IQN, "password": PUNCT}}, 1000),
+        # a line cut short: a parse error, whose reply must not echo the line
+        ('{"jsonrpc":"2.0","id":1,"method":"manageStorageServer","params":{"connection":'
+         f'{{"password":"{PUNCT}"', -32700),
+    ]
+
+
+def send_lines(path: str, lines: list[str]) -> list[str]:
+    """One reply line per request line, in order (each is sent after the last reply)."""
+    replies = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(30)
+        s.connect(path)
+        reader = s.makefile("rb")
+        for line in lines:
+            s.sendall(line.encode() + b"\n")
+            replies.append(reader.readline().decode())
+    return replies
+
+
+def request(method: str, params: Any, request_id: Any) -> str:
+    return json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
+
+
+def test_refused_requests_never_echo_a_secret(daemon: Daemon) -> None:
+    cases = bad_requests()
+    lines = [p if isinstance(p, str) else request("manageStorageServer", p, i)
+             for i, (p, _) in enumerate(cases)]
+    connections = [p["connection"] for p, _ in cases[:-2] if isinstance(p, dict)]
+    # The other verbs that parse a connection refuse it the same way.
+    lines += [request("updateStorageServer", {"connectionID": "bad", "connection": c}, "u")
+              for c in connections]
+    lines += [request("testStorageServer", {"connection": c}, "t") for c in connections]
+    replies = send_lines(daemon.socket, lines)
+    codes = [json.loads(r)["error"]["code"] for r in replies]
+    assert codes == [code for _, code in cases] + [code for _, code in cases[:-2]] * 2
+    # A mount password with punctuation is accepted (tmpfs then refuses the option: 477).
+    posix = {"type": "posixfs", "connection": "vc-punct", "vfs_type": "tmpfs",
+             "mnt_options": f"size=1m,password={PUNCT}"}
+    replies.append(json.dumps(daemon.call("manageStorageServer", connectionID="ok",
+                                          connection=posix)))
+    replies.append(json.dumps(daemon.wait_error("ok", 477)))
+    daemon.call("unmanageStorageServer", connectionID="ok")
+    daemon.wait_gone(f"{daemon.mount_root}/vc-punct")
+    log = daemon.log_file.read_text()
+    assert "RUN argv=mount" in log and "password=********" in log  # the log is not empty
+    for text in (*replies, log):
+        for secret in (PUNCT, QUOTED, *FRAGMENTS):
+            assert secret not in text
