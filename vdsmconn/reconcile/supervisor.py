@@ -136,7 +136,7 @@ class Supervisor:
         attempts = status.attempts + 1 if status else 1  # 0 once connected
         self._set(State.CONNECTING, attempts=attempts)
         try:
-            async with self.rec.operations:
+            async with self.rec.limits.slot(spec):
                 found = await connector.connect(spec)
         except errors.Error as e:
             log.warning("CONNECT key=%s failed code=%s: %s", self.key, e.code, e.message)
@@ -188,7 +188,7 @@ class Supervisor:
         """Tear a broken connection down by force; the loop then brings it up again: at once
         the first time, after a growing pause when it keeps breaking right after."""
         try:
-            async with self.rec.operations:
+            async with self.rec.limits.slot(spec):
                 await self._connector(spec).disconnect(spec, force=True)
         except errors.Error as e:
             log.warning("RECOVER key=%s disconnect failed: %s", self.key, e.message)
@@ -206,7 +206,7 @@ class Supervisor:
         """Disconnect; True when it is gone, False after a failure (and its backoff)."""
         self._set(State.DISCONNECTING, next_retry=None)
         try:
-            async with self.rec.operations:
+            async with self.rec.limits.slot(spec):
                 await self._connector(spec).disconnect(spec)
         except errors.Error as e:
             log.warning("DISCONNECT key=%s failed code=%s: %s", self.key, e.code, e.message)
