@@ -12,6 +12,7 @@ from vdsmconn import errors
 from vdsmconn.config import Config
 from vdsmconn.host.command import CommandRunner
 from vdsmconn.host.mountinfo import Mount
+from vdsmconn.host.probe import Probes
 from vdsmconn.model import ConnectionSpec
 from vdsmconn.state.store import Store
 
@@ -20,12 +21,14 @@ S = TypeVar("S", bound=ConnectionSpec)
 
 @dataclass
 class HostContext:
-    """What connectors may use: settings, the command runner and the current mount table."""
+    """What connectors may use: settings, the command runner, the current mount table, and
+    the one registry of probe threads (at most one per mount, directory or device)."""
 
     config: Config
     runner: CommandRunner
     mounts: Callable[[], Mapping[str, Mount]]  # mount point -> mount, as last read
     store: Store | None = None  # managed volumes keep their attachment records here
+    probes: Probes = field(default_factory=Probes)
 
 
 @dataclass(frozen=True)
