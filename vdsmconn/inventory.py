@@ -6,7 +6,8 @@ Everything is read off the event loop with a deadline: sysfs facts of each devic
 own abandonable thread, a file share's top directory in another (a dead NFS server makes
 that one connection report 480 while the others answer), LVM through the command runner
 with a filter that shows it only the devices found here, never the host's own disks. While
-a read hangs, calls that need the same read get 480 at once: hung threads do not pile up.
+a read hangs, calls that need the same read get 480 at once: hung threads do not pile up
+(the connectors' `Probes`: one thread per mount point, directory or device, whoever asks).
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from vdsmconn import errors
 from vdsmconn.config import Config
 from vdsmconn.connectors.base import Connector
 from vdsmconn.connectors.mount import STALE_ERRNOS
-from vdsmconn.host import blockdev, lvm, probe, sdmeta
+from vdsmconn.host import blockdev, lvm, sdmeta
 from vdsmconn.host.command import CommandRunner
 from vdsmconn.host.iscsi_parse import Session, read_sessions
+from vdsmconn.host.probe import Probes
 from vdsmconn.model import (
     ConnectionKey,
     ConnectionSpec,
@@ -88,23 +90,18 @@ class Inventory:
         self.actual = actual
         self.connectors = connectors
         self.runner = runner
-        self._reads: dict[str, probe.Probe[Any]] = {}  # what -> the read still running
+        # The connectors' registry: a scan of a mount waits for (or reports) their probe of
+        # it, so a dead server holds one thread, not one per caller.
+        self.probes = next((c.host.probes for c in connectors.values()), None) or Probes()
 
     @property
     def _timeout(self) -> float:
         return self.config.supervisor.probe_timeout
 
-    async def _read(self, what: str, fn: Callable[[], T]) -> T:
-        """`fn` in a thread of its own, with the probe deadline; never a second one for
-        `what` while the first has not returned."""
-        earlier = self._reads.get(what)
-        if earlier is not None and earlier.running:
-            raise errors.Timeout(f"{what}: an earlier read has not returned yet")
-        read: probe.Probe[T] = probe.Probe(fn, what)
-        self._reads[what] = read
-        read.done.add_done_callback(
-            lambda _: self._reads.pop(what) if self._reads.get(what) is read else None)
-        return await read.result(self._timeout)
+    async def _read(self, target: str, what: str, fn: Callable[[], T]) -> T:
+        """`fn` in a thread of its own, with the probe deadline; never a second thread for
+        `target` while one has not returned."""
+        return await self.probes.run(target, fn, what, self._timeout)
 
     def _selected(self, cids: list[str] | None) -> dict[ConnectionKey, tuple[ConnectionSpec,
                                                                              set[str]]]:
@@ -147,7 +144,7 @@ class Inventory:
                     found[1].append(session)
         names = sorted(wanted)
         results = await asyncio.gather(
-            *(self._read(f"reading /sys of {n}",
+            *(self._read(os.path.join(sysfs, "block", n), f"reading /sys of {n}",
                          functools.partial(blockdev.read_device, n, sysfs, self.dev))
               for n in names),
             return_exceptions=True)
@@ -236,7 +233,9 @@ class Inventory:
         status = self.actual.get(key)
         if status is None or not status.connected or not status.path:
             raise errors.ConnectError(f"{key} is not connected")
-        return await self._read(f"scanning {status.path}",
+        # The target the connector probes: the mount point, or the local directory.
+        target = spec.connection if isinstance(spec, LocalSpec) else status.path
+        return await self._read(target, f"scanning {status.path}",
                                 functools.partial(sdmeta.scan_file_domains, status.path))
 
     async def _block_domains(self, cids: list[str], domains: dict[tuple[str, str], Any],

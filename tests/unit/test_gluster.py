@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vdsmconn import config
+from vdsmconn import config, errors
 from vdsmconn.connectors.base import HostContext
 from vdsmconn.connectors.gluster import GlusterConnector, split_connection
 from vdsmconn.host import gluster, scope
@@ -146,6 +146,14 @@ async def test_no_lookup_mounts_with_user_options_and_warns(
 async def test_user_backup_servers_are_used_as_is(host: Host) -> None:
     await connect(host, "backup-volfile-servers=x:y")
     assert host.runner.argvs == [mount_argv(host, "backup-volfile-servers=x:y")]
+
+
+async def test_mount_past_its_deadline_is_480(host: Host) -> None:
+    host.runner.expect(["mount"], prefix=True, timeout=True)
+    spec = GlusterSpec(connection="10.231.0.2:/v1", mnt_options="backup-volfile-servers=x")
+    with pytest.raises(errors.Timeout) as caught:
+        await host.connector.connect(spec)
+    assert caught.value.code == 480 and "timed out after 60 s" in caught.value.message
 
 
 async def test_single_brick_on_the_server_has_no_backups(host: Host) -> None:

@@ -105,12 +105,12 @@ async def test_mount_failure_is_477_with_mounts_message(host: Host) -> None:
     assert raised.value.message == "mount of srv:/exports/a failed: mount.nfs: Connection refused"
 
 
-async def test_mount_past_its_deadline_is_477(host: Host) -> None:
+async def test_mount_past_its_deadline_is_480(host: Host) -> None:
     host.runner.expect([host.config.mount_command], prefix=True, timeout=True)
-    with pytest.raises(errors.MountError) as raised:
+    with pytest.raises(errors.Timeout) as raised:
         await host.connector.connect(nfs())
-    assert raised.value.code == 477
-    assert raised.value.message.startswith("mount of srv:/exports/a failed: Command ")
+    assert raised.value.code == 480
+    assert raised.value.message.startswith("Command /usr/local/bin/my-mount -t nfs ")
     assert raised.value.message.endswith("timed out after 60 s")
 
 

@@ -9,7 +9,6 @@ from typing import Any
 
 from vdsmconn import errors
 from vdsmconn.connectors.base import Connected, Connector, StepLog
-from vdsmconn.host import probe
 from vdsmconn.host.links import make_link, remove_link
 from vdsmconn.model import LocalSpec
 
@@ -39,7 +38,10 @@ class LocalConnector(Connector[LocalSpec]):
         timeout = self.host.config.supervisor.probe_timeout
         name = f"check of {spec.connection}"
         try:
-            await probe.run(lambda: _check_directory(spec.connection), name, timeout)
+            # One thread per directory at most: a directory in a dead NFS mount would
+            # otherwise leave a thread in D state behind at every retry.
+            await self.host.probes.run(spec.connection,
+                                       lambda: _check_directory(spec.connection), name, timeout)
         except errors.Timeout as e:
             raise errors.MountHung(e.message) from None
         except PermissionError as e:

@@ -29,7 +29,6 @@ from typing import Any
 
 from vdsmconn import errors
 from vdsmconn.connectors.base import Connected, Connector, HostContext, StepLog
-from vdsmconn.host import probe
 from vdsmconn.host.brick_helper import scrub, secret_values
 from vdsmconn.host.command import StuckCommand, tail
 from vdsmconn.host.links import make_link, remove_link
@@ -53,7 +52,6 @@ class ManagedConnector(Connector[ManagedSpec]):
         self._loading = asyncio.Lock()
         self._info: dict[str, Any] | None = None
         self._info_lock = asyncio.Lock()
-        self._probes: dict[str, probe.Probe[None]] = {}
 
     # --- places ------------------------------------------------------------------------
 
@@ -211,27 +209,20 @@ class ManagedConnector(Connector[ManagedSpec]):
         await asyncio.to_thread(remove_link, self.link(volume_id))
         await self._commit(DeleteAttachment(volume_id))
         (self._records or {}).pop(volume_id, None)
-        if (running := self._probes.get(volume_id)) is None or not running.running:
-            self._probes.pop(volume_id, None)
         log.info("DETACHED volume=%s path=%s", volume_id, rec["path"])
 
     async def probe(self, spec: ManagedSpec) -> None:
         rec = self._record(spec)
         if rec is None or rec["connection_info"] != spec.info():
             raise errors.ConnectError(f"volume {spec.volumeID} has no attachment")
-        await self._read(rec["path"], spec.volumeID)
+        await self._read(rec["path"])
         await asyncio.to_thread(make_link, rec["path"], self.link(spec.volumeID))
 
-    async def _read(self, path: str, volume_id: str | None = None) -> None:
-        """Read the first sector in an abandonable thread; at most one per volume."""
-        running = self._probes.get(volume_id) if volume_id else None
-        if running is not None and running.running:
-            raise errors.MountHung(f"an earlier read of {path} has not returned yet")
-        check = probe.Probe(lambda: read_sector(path), f"read of {path}")
-        if volume_id:
-            self._probes[volume_id] = check
+    async def _read(self, path: str) -> None:
+        """Read the first sector in an abandonable thread; at most one per device."""
         try:
-            await check.result(self.host.config.supervisor.probe_timeout)
+            await self.host.probes.run(path, lambda: read_sector(path), f"read of {path}",
+                                       self.host.config.supervisor.probe_timeout)
         except errors.Timeout as e:
             raise errors.MountHung(e.message) from None
         except OSError as e:

@@ -13,9 +13,9 @@ from typing import Any
 from vdsmconn import errors
 from vdsmconn.config import Config
 from vdsmconn.connectors.base import Connected, Connector, StepLog
-from vdsmconn.host import mountinfo, probe, scope
+from vdsmconn.host import mountinfo, scope
 from vdsmconn.host.command import CommandRunner
-from vdsmconn.model import MountSpec
+from vdsmconn.model import MountSpec, normalize_path, normalize_remote
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,6 @@ class MountConnector(Connector[MountSpec]):
 
     fstype: str | None = None  # fixed file system type (nfs, glusterfs) or None: the spec's
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._probes: dict[str, probe.Probe[None]] = {}
-
     def mountpoint(self, spec: MountSpec) -> str:
         return os.path.join(self.host.config.mount_root, spec.mount_name)
 
@@ -64,9 +60,28 @@ class MountConnector(Connector[MountSpec]):
             argv += ["-o", ",".join(options)]
         return [*argv, spec.connection, target]
 
+    def is_mount_of(self, m: mountinfo.Mount, spec: MountSpec) -> bool:
+        """Whether the mount `m` at the mount point of `spec` is this connection (adopted) or
+        something else (a conflict: reported, never unmounted)."""
+        return True
+
+    def _conflict(self, m: mountinfo.Mount, spec: MountSpec) -> errors.ConnectionConflict:
+        fstype = self.fstype or spec.vfs_type or "any type"
+        return errors.ConnectionConflict(
+            f"{m.mountpoint} is already mounted from {m.source} ({m.fstype}), not "
+            f"{spec.connection} ({fstype}); left alone",
+            {"path": m.mountpoint, "source": m.source, "vfs_type": m.fstype})
+
     def present(self, spec: MountSpec) -> Connected | None:
         path = self.mountpoint(spec)
-        return Connected(path=path) if path in self.host.mounts() else None
+        m = self.host.mounts().get(path)
+        if m is None:
+            return None
+        if not self.is_mount_of(m, spec):
+            log.warning("FOREIGN %s is mounted from %s (%s), not %s", path, m.source, m.fstype,
+                        spec.connection)
+            return None
+        return Connected(path=path)
 
     def is_fuse(self, spec: MountSpec) -> bool:
         """Whether the mount is served by a FUSE daemon that must live in a scope of its own."""
@@ -76,8 +91,11 @@ class MountConnector(Connector[MountSpec]):
 
     async def connect(self, spec: MountSpec) -> Connected:
         path = self.mountpoint(spec)
-        if path in await read_mounts():
-            return Connected(path=path)
+        m = (await read_mounts()).get(path)
+        if m is not None:
+            if self.is_mount_of(m, spec):
+                return Connected(path=path)
+            raise self._conflict(m, spec)
         await asyncio.to_thread(os.makedirs, path, 0o755, True)
         await self._mount(spec, path)
         return Connected(path=path)
@@ -105,10 +123,12 @@ class MountConnector(Connector[MountSpec]):
     async def disconnect(self, spec: MountSpec, force: bool = False) -> None:
         path = self.mountpoint(spec)
         mount = (await read_mounts()).get(path)
+        if mount is not None and not self.is_mount_of(mount, spec):
+            log.warning("DISCONNECT %s: %s is mounted there, not this connection; left alone",
+                        path, mount.source)
+            return
         if mount is not None:
-            outstanding = self._probes.get(path)
-            if outstanding is not None and outstanding.running and \
-                    mount.fstype.startswith("fuse"):
+            if self.host.probes.running(path) and mount.fstype.startswith("fuse"):
                 # Callers of a hung FUSE mount sleep uninterruptibly (our probe thread among
                 # them); only aborting the connection frees them.
                 await abort_fuse(self.host.runner, self.host.config, mount)
@@ -122,18 +142,13 @@ class MountConnector(Connector[MountSpec]):
         path = self.mountpoint(spec)
         if path not in self.host.mounts() and path not in await read_mounts():
             raise errors.MountError(f"{path} is not mounted")
-        outstanding = self._probes.get(path)
-        if outstanding is not None and outstanding.running:
-            raise errors.MountHung(f"{path}: an earlier probe has still not returned")
-        check = probe.Probe(lambda: _check_mountpoint(path), f"probe of {path}")
-        self._probes[path] = check
         try:
-            await check.result(self.host.config.supervisor.probe_timeout)
+            await self.host.probes.run(path, lambda: _check_mountpoint(path), f"probe of {path}",
+                                       self.host.config.supervisor.probe_timeout)
         except errors.Timeout as e:
             raise errors.MountHung(f"{path} does not answer: {e.message}") from None
         except OSError as e:
             raise _os_error(path, e) from None
-        self._probes.pop(path, None)
 
     async def test(self, spec: MountSpec, timeout: float) -> StepLog:
         log = StepLog()
@@ -146,7 +161,8 @@ class MountConnector(Connector[MountSpec]):
 
     async def _source_exists(self, source: str, timeout: float) -> str:
         try:
-            exists = await probe.run(lambda: os.path.exists(source), f"stat {source}", timeout)
+            exists = await self.host.probes.run(source, lambda: os.path.exists(source),
+                                                f"stat {source}", timeout)
         except errors.Timeout as e:
             raise errors.StaleMount(e.message) from None
         if not exists:
@@ -182,17 +198,19 @@ async def unmount(runner: CommandRunner, config: Config, path: str) -> None:
     """`umount`, then `umount -f`, then `umount -l`, each with a deadline, until `path` is no
     longer a mount point. "not mounted" is success. A step that cannot be killed raises
     `StuckCommand` (the key stays stuck); a ladder that ends with the mount still there
-    raises `MountError`."""
+    raises `MountError`, or `Timeout` when its last step ran past its deadline."""
     deadline = min(UMOUNT_STEP_TIMEOUT, config.supervisor.command_timeout)
     last = "no step ran"
+    timed_out: errors.Timeout | None = None
     for flags in ((), ("-f",), ("-l",)):
         # -c: no canonicalizing, which would stat the mount point and hang on a hung mount.
         argv = [config.umount_command, "-c", *flags, path]
         try:
             result = await runner.run(argv, timeout=deadline)
         except errors.Timeout as e:  # a StuckCommand is no Timeout: it goes up, key stuck
-            last = e.message
+            last, timed_out = e.message, e
             continue
+        timed_out = None
         if path not in await read_mounts():
             log.info("UNMOUNTED path=%s by=%s", path, " ".join(argv[:-1]))
             return
@@ -200,6 +218,8 @@ async def unmount(runner: CommandRunner, config: Config, path: str) -> None:
             log.info("UNMOUNTED path=%s was not mounted", path)
             return
         last = _tail(result.stderr) if result.rc else "still mounted (another mount below?)"
+    if timed_out is not None:
+        raise errors.Timeout(f"umount of {path}: {last}", {"path": path})
     raise errors.MountError(f"umount of {path} failed: {last}", {"path": path})
 
 
@@ -249,6 +269,49 @@ def _tail(text: str, limit: int = 500) -> str:
 
 class PosixConnector(MountConnector):
     """posixfs: any file system mount(8) knows, with the client's type and options."""
+
+    def is_mount_of(self, m: mountinfo.Mount, spec: MountSpec) -> bool:
+        return same_fstype(spec.vfs_type, m.fstype) and same_source(m, spec)
+
+
+NFS_FSTYPES = ("nfs", "nfs4")
+BIND_OPTIONS = ("bind", "rbind")
+
+
+def same_fstype(wanted: str | None, seen: str) -> bool:
+    """Whether a mount of type `seen` is what `mount -t wanted` makes (no type: any)."""
+    if not wanted or wanted == "auto":
+        return True
+    if wanted in NFS_FSTYPES:
+        return seen in NFS_FSTYPES
+    # -t glusterfs, -t fuse.sshfs, -t fuse: the kernel shows fuse.<subtype> or fuse.
+    return seen in (wanted, f"fuse.{wanted}") or (
+        wanted in ("fuse", "fuseblk") and seen.startswith(f"{wanted}."))
+
+
+def same_source(m: mountinfo.Mount, spec: MountSpec) -> bool:
+    """Whether the mount's source is the spec's: the same text (`server:/a/` is `server:/a`),
+    the same device node (/dev/disk/by-uuid/..., UUID=, LABEL=), or for a bind mount the
+    same directory (the kernel shows the device below it and the directory as `root`)."""
+    source = mountinfo.normalized_source(m)
+    wanted = normalize_remote(spec.connection)
+    if source == wanted:
+        return True
+    if any(o in BIND_OPTIONS for o in spec.options()) or spec.vfs_type == "none":
+        root = normalize_path(m.root)
+        return wanted == root or (root != "/" and wanted.endswith(root))
+    device = _device_of(wanted)
+    return device is not None and device == _device_of(source)
+
+
+def _device_of(source: str) -> str | None:
+    """The device node a source names, for sources that name one (devtmpfs: never hangs)."""
+    for tag, folder in (("UUID=", "by-uuid"), ("LABEL=", "by-label")):
+        if source.startswith(tag):
+            source = f"/dev/disk/{folder}/{source[len(tag):]}"
+    if not source.startswith("/dev/"):
+        return None
+    return os.path.realpath(source)
 
 
 class HelperMountConnector(MountConnector):

@@ -6,8 +6,9 @@ point>` through the configured mount command). What NFS adds:
 - adoption that survives the kernel's ways of showing a source: NFSv4 mounts may read
   `server://path`, IPv6 servers are in brackets and may be spelled differently, host names
   differ in case. The mount point is what matches; the source must be the same export.
-- a mount that runs past its deadline is a failed mount (477): mount.nfs retries a dead
-  server for minutes on its own.
+- a mount that runs past its deadline is 480 like every deadline (mount.nfs retries a dead
+  server for minutes on its own; the command deadline ends that); anything else mounted at
+  the mount point is a conflict (453), left alone.
 - `testStorageServer`: resolve, TCP connect to 2049, ONC RPC NULL to the NFS program in the
   version asked for, and for NFSv3 the portmapper and mountd; every step timed, stopping at
   the first that fails with what went wrong there.
@@ -24,15 +25,14 @@ import socket
 import time
 
 from vdsmconn import errors
-from vdsmconn.connectors.base import Connected, StepLog
-from vdsmconn.connectors.mount import HelperMountConnector, read_mounts
+from vdsmconn.connectors.base import StepLog
+from vdsmconn.connectors.mount import NFS_FSTYPES, HelperMountConnector
 from vdsmconn.host import mountinfo, oncrpc, probe
 from vdsmconn.model import MountSpec, NfsSpec, normalize_remote
 
 log = logging.getLogger(__name__)
 
 NFS_PORT = 2049
-NFS_FSTYPES = ("nfs", "nfs4")
 
 
 # --- exports as the kernel shows them --------------------------------------------------------
@@ -84,36 +84,8 @@ class NfsConnector(HelperMountConnector):
     fstype = "nfs"
     package = "nfs-common"
 
-    def present(self, spec: MountSpec) -> Connected | None:
-        path = self.mountpoint(spec)
-        m = self.host.mounts().get(path)
-        if m is None:
-            return None
-        if not is_mount_of(m, spec):
-            log.warning("FOREIGN %s is mounted from %s (%s), not %s", path, m.source, m.fstype,
-                        spec.connection)
-            return None
-        return Connected(path=path)
-
-    async def connect(self, spec: MountSpec) -> Connected:
-        path = self.mountpoint(spec)
-        m = (await read_mounts()).get(path)
-        if m is not None:
-            if is_mount_of(m, spec):
-                return Connected(path=path)
-            raise errors.MountError(
-                f"{path} is already mounted from {m.source} ({m.fstype}), not {spec.connection}"
-            )
-        return await super().connect(spec)
-
-    async def _mount(self, spec: MountSpec, path: str, extra: tuple[str, ...] = ()) -> None:
-        try:
-            await super()._mount(spec, path, extra)
-        except errors.Timeout as e:
-            # mount.nfs keeps retrying an unreachable server (retry=, 2 minutes by default):
-            # for the client that is a mount that failed, not a timeout of its request.
-            raise errors.MountError(f"mount of {spec.connection} failed: {e.message}",
-                                    e.data) from None
+    def is_mount_of(self, m: mountinfo.Mount, spec: MountSpec) -> bool:
+        return is_mount_of(m, spec)
 
     async def test(self, spec: MountSpec, timeout: float) -> StepLog:
         assert isinstance(spec, NfsSpec)
