@@ -4,8 +4,11 @@ node setup before login, CHAP masked, bonds, refcounted logout, parallel logins 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
+import os
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -54,8 +57,10 @@ class HostRunner(FakeRunner):
             if rc == 0:
                 self.sid += 1
                 address, port = args[args.index("-p") + 1].split(",")[0].rsplit(":", 1)
+                disk = f"sd{chr(ord('a') + self.sid)}"
                 write_session(self.sysfs, self.sid, args[args.index("-T") + 1], address,
-                              int(port), 1, iface, disk=f"sd{chr(ord('a') + self.sid)}")
+                              int(port), 1, iface, disk=disk)
+                disk_node(self.sysfs, disk)
                 return Result(tuple(args), 0, "", "", 0.01)
             return Result(tuple(args), rc, "", stderr if rc == 20 else "iscsiadm: auth\n", 0.01)
         if "--logout" in args:
@@ -70,6 +75,15 @@ class HostRunner(FakeRunner):
                         session.joinpath("ifacename").write_text("gone\n")
             return result
         return await super().run(argv, timeout=timeout, input=input, check=check, env=env)
+
+
+def disk_node(sysfs: Path, disk: str) -> Path:
+    """The disk's node in the test tree (`<sysfs>/dev/sdX`): a file that answers a direct
+    read, until a test makes it fail (removes it) or hang (a FIFO)."""
+    node = sysfs / "dev" / disk
+    node.parent.mkdir(exist_ok=True)
+    node.write_bytes(b"\0" * 4096)
+    return node
 
 
 def netdev(sysfs: Path, name: str, state: str = "up") -> None:
@@ -93,11 +107,13 @@ def runner(sysfs: Path) -> HostRunner:
     return r
 
 
-def make(sysfs: Path, runner: FakeRunner, parallel: int = 10) -> IscsiConnector:
+def make(sysfs: Path, runner: FakeRunner, parallel: int = 10,
+         probe_timeout: float = 10.0) -> IscsiConnector:
     base = config.Config()
     cfg = dataclasses.replace(
         base, run_dir=str(sysfs.parent / "run"),
-        iscsi=dataclasses.replace(base.iscsi, parallel_logins=parallel, sysfs_root=str(sysfs)))
+        iscsi=dataclasses.replace(base.iscsi, parallel_logins=parallel, sysfs_root=str(sysfs)),
+        supervisor=dataclasses.replace(base.supervisor, probe_timeout=probe_timeout))
     return IscsiConnector(HostContext(cfg, runner, dict))
 
 
@@ -319,6 +335,110 @@ async def test_logout_failure_is_474_and_kept(sysfs: Path, runner: HostRunner) -
         await c.disconnect(s)
     assert "Could not logout" in caught.value.message
     assert c.users(s, "default") == {s.key}  # still ours: the retry logs out
+
+
+async def test_logout_past_its_deadline_is_480(sysfs: Path, runner: HostRunner) -> None:
+    expect_setup(runner)
+    c = make(sysfs, runner)
+    s = spec()
+    await c.connect(s)
+    slow = _Suffix(["--logout"])
+    slow.timeout = True
+    runner.expectations.insert(0, slow)  # type: ignore[arg-type]
+    with pytest.raises(errors.Timeout) as caught:
+        await c.disconnect(s)
+    assert caught.value.code == 480 and "timed out after 60 s" in caught.value.message
+    assert c.users(s, "default") == {s.key}
+
+
+async def test_node_setup_past_its_deadline_is_480(sysfs: Path, runner: HostRunner) -> None:
+    expect_setup(runner)
+    slow = _Suffix(["-o", "update"])
+    slow.timeout = True
+    runner.expectations.insert(0, slow)  # type: ignore[arg-type]
+    with pytest.raises(errors.Timeout) as caught:
+        await make(sysfs, runner).connect(spec())
+    assert caught.value.code == 480 and "-o update" in caught.value.message
+
+
+# --- a path is up only while its disks answer ----------------------------------------------
+
+
+def states(c: IscsiConnector, s: IscsiSpec) -> tuple[bool, list[tuple[str, int | None]]]:
+    """(degraded, [(state, lastError code) per path]) as the status shows them."""
+    found = c.present(s)
+    assert found is not None and found.paths is not None
+    return found.degraded, [(p["state"], p["lastError"] and p["lastError"]["code"])
+                            for p in found.paths]
+
+
+def probe_threads(disk: str) -> int:
+    return sum(t.name == f"probe reading /dev/{disk}" for t in threading.enumerate())
+
+
+async def test_failing_disk_keeps_its_path_down_until_it_answers(
+        sysfs: Path, runner: HostRunner) -> None:
+    expect_setup(runner)
+    netdev(sysfs, "eth1")
+    netdev(sysfs, "eth2")
+    c = make(sysfs, runner)
+    s = spec(netIfaceNames=("eth1", "eth2"))
+    await c.connect(s)
+    assert states(c, s) == (False, [("up", None), ("up", None)])
+    node = sysfs / "dev" / "sdc"  # the disk of eth2's session
+    node.unlink()  # reads of it fail
+    await c.probe(s)  # one path left: degraded, not failed
+    assert states(c, s) == (True, [("up", None), ("down", 481)])
+    for _ in range(3):  # looking again does not bring it back: only a read that answers does
+        await c.probe(s)
+        assert states(c, s) == (True, [("up", None), ("down", 481)])
+    (sysfs / "dev" / "sdb").unlink()
+    with pytest.raises(errors.StaleMount) as caught:
+        await c.probe(s)  # no path left
+    assert caught.value.code == 481
+    assert caught.value.message == "/dev/sdb does not answer: No such file or directory"
+    assert states(c, s) == (True, [("down", 481), ("down", 481)])
+    with pytest.raises(errors.StaleMount):
+        await c.connect(s)  # a reconnect reads the disks too: still down
+    disk_node(sysfs, "sdb")
+    disk_node(sysfs, "sdc")
+    await c.probe(s)
+    assert states(c, s) == (False, [("up", None), ("up", None)])
+
+
+async def test_hung_disk_is_stuck_with_one_thread_however_often_probed(
+        sysfs: Path, runner: HostRunner) -> None:
+    expect_setup(runner)
+    c = make(sysfs, runner, probe_timeout=0.1)
+    s = spec()
+    await c.connect(s)
+    node = sysfs / "dev" / "sdb"
+    node.unlink()
+    os.mkfifo(node)  # opening it blocks until a writer comes: a read that hangs
+    try:
+        most = 0
+        for _ in range(10):
+            with pytest.raises(errors.MountHung) as caught:
+                await c.probe(s)
+            most = max(most, probe_threads("sdb"))
+            assert states(c, s) == (True, [("down", 481)])
+        assert caught.value.message.startswith("/dev/sdb does not answer: reading /dev/sdb: "
+                                               "an earlier read has not returned yet")
+        assert most == 1
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(os.open(node, os.O_WRONLY | os.O_NONBLOCK))  # the reader goes on
+    await until_no_probe_thread("sdb")
+    node.unlink()
+    disk_node(sysfs, "sdb")
+    await c.probe(s)
+    assert states(c, s) == (False, [("up", None)])
+
+
+async def until_no_probe_thread(disk: str) -> None:
+    async with asyncio.timeout(10):
+        while probe_threads(disk):  # noqa: ASYNC110 - a thread, not a loop event
+            await asyncio.sleep(0.01)
 
 
 async def test_discovery_record_deleted_chap_masked_ipv6_dropped(

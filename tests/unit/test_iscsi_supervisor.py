@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.unit.test_iscsi_connector import IQN, HostRunner, expect_setup, netdev
+from tests.unit.test_iscsi_connector import IQN, HostRunner, disk_node, expect_setup, netdev
 from vdsmconn import config
 from vdsmconn.clock import FakeClock
 from vdsmconn.connectors.base import HostContext
@@ -88,5 +88,39 @@ async def test_chap_rejected_is_476_retried_with_growing_next_retry(tmp_path: Pa
             await clock.advance(delays[-1])
         assert delays == sorted(delays) and delays[-1] > 2 * delays[0], delays
         assert sum("--login" in argv for argv in runner.argvs) >= 4
+    finally:
+        await rec.close()
+
+
+async def test_disk_that_stops_answering_fails_the_key_until_it_answers(
+        tmp_path: Path) -> None:
+    sysfs = tmp_path / "sys"
+    (sysfs / "class" / "iscsi_session").mkdir(parents=True)
+    runner = HostRunner(sysfs)
+    expect_setup(runner)
+    rec, clock = world(sysfs, runner)
+    spec = IscsiSpec(connection="10.77.4.2", iqn=IQN)
+    try:
+        rec.desired.apply_put("c", spec)
+        rec.kick(spec.key)
+        await until(lambda: (st := rec.actual.get(spec.key)) is not None
+                    and st.state == State.CONNECTED)
+        (sysfs / "dev" / "sdb").unlink()  # the LUN's reads fail from now on
+        await clock.advance(30.0)  # the next probe
+        await until(lambda: (st := rec.actual.get(spec.key)) is not None
+                    and st.state == State.FAILED and st.next_retry is not None)
+        st = rec.actual.get(spec.key)
+        assert st is not None and st.last_error is not None and st.next_retry is not None
+        assert (st.last_error.code, st.last_error.message) == (
+            481, "/dev/sdb does not answer: No such file or directory")
+        assert not any("--logout" in argv for argv in runner.argvs)  # left logged in
+        disk_node(sysfs, "sdb")  # it answers again
+        await clock.advance(st.next_retry - clock.time())
+        await until(lambda: (st := rec.actual.get(spec.key)) is not None
+                    and st.state == State.CONNECTED)
+        st = rec.actual.get(spec.key)
+        assert st is not None and st.paths is not None and st.last_error is None
+        assert [p["state"] for p in st.paths] == ["up"]
+        assert sum("--login" in argv for argv in runner.argvs) == 1  # the same session
     finally:
         await rec.close()

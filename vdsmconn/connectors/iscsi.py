@@ -5,18 +5,20 @@
   initial login retry, CHAP), logins in parallel up to `iscsi.parallel_logins`; a failed login
   deletes the node record it created. Some paths up: `degraded`; none: the best error.
 - present: the kernel's sessions read from sysfs (never blocks), one status per path; a path
-  is down when its session is missing or not LOGGED_IN, or its network link is down.
+  is down when its session is missing or not LOGGED_IN, its network link is down, or a disk
+  of its session did not answer the last read (until a read through it answers again).
 - probe: missing paths whose link is up are logged in again; a session FAILED for longer than
-  `probe_timeout` is logged out and in again; every logged-in path's disk must answer a read.
+  `probe_timeout` is logged out and in again; every logged-in path's disks must answer a
+  direct read within `probe_timeout` (all read at once, at most one thread per disk however
+  long a read hangs: the host's `Probes`). A disk that fails is 481, one that hangs 481 and
+  stuck; some paths down is `degraded`, all down fails the probe. Connect reads them too.
 - disconnect: a session is logged out only when no key uses it; its node record deleted.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-import mmap
 import os
 import shutil
 import time
@@ -30,6 +32,7 @@ from vdsmconn.connectors.iscsi_paths import (
     DOWN,
     PROC_CONF,
     UP,
+    DiskReader,
     PathPlan,
     PathStatus,
     RpFilter,
@@ -41,7 +44,7 @@ from vdsmconn.connectors.iscsi_paths import (
     session_of,
     session_ref,
 )
-from vdsmconn.host import iscsi_parse, probe
+from vdsmconn.host import iscsi_parse
 from vdsmconn.host.iscsi_parse import Session
 from vdsmconn.host.iscsiadm import Iscsiadm
 from vdsmconn.model import ConnectionKey, IscsiSpec
@@ -56,6 +59,9 @@ class IscsiConnector(Connector[IscsiSpec]):
         super().__init__(host)
         cfg = host.config.iscsi
         self.sysfs = cfg.sysfs_root
+        # A test tree given as sysfs_root holds the device nodes too (dev/).
+        dev = "/dev" if self.sysfs == "/sys" else os.path.join(self.sysfs, "dev")
+        self.disks = DiskReader(host.probes, host.config.supervisor.probe_timeout, dev)
         self.adm = Iscsiadm(host.runner, host.config.supervisor.command_timeout,
                             cfg.iscsiadm_command)
         self._logins: asyncio.Semaphore | None = None
@@ -132,6 +138,9 @@ class IscsiConnector(Connector[IscsiSpec]):
         todo = [p for p in plans if not _up(session_of(sessions, spec, address, p.iface))]
         await self._bring_up(spec, address, todo, statuses)
         found = await self._scanned(spec)
+        if found is not None:
+            await self._check_paths(spec, address, plans, statuses)
+            found = self.present(spec)
         if found is None or not any(s.state == UP for s in statuses.values()):
             failures = [s.last_error for s in statuses.values() if s.last_error is not None]
             raise best_error(failures) if failures else errors.IscsiSetupError(
@@ -144,7 +153,8 @@ class IscsiConnector(Connector[IscsiSpec]):
         deadline = time.monotonic() + SCAN_WAIT
         while True:
             found = self.present(spec)
-            if found is None or found.path is not None or time.monotonic() > deadline:
+            if found is None or any(p["devices"] for p in found.paths or ()) or \
+                    time.monotonic() > deadline:  # a down path's disks count: they are there
                 return found
             await asyncio.sleep(0.05)
 
@@ -268,7 +278,8 @@ class IscsiConnector(Connector[IscsiSpec]):
             if s is not None:
                 found = True
                 self._use(spec, address, plan.iface)
-            status.state = UP if _up(s) and netdev_up(plan.netdev, self.sysfs) else DOWN
+            status.state = UP if (s is not None and s.logged_in and status.usable(s.sid)
+                                  and netdev_up(plan.netdev, self.sysfs)) else DOWN
         if not found:
             return None
         self._plans.setdefault(spec.key, plans)
@@ -298,29 +309,27 @@ class IscsiConnector(Connector[IscsiSpec]):
                     relogin.append(plan)
                 continue
             self._failed_since.pop(ref, None)
-            if not netdev_up(plan.netdev, self.sysfs):
-                continue  # the path is down; a read through it would wait for the session
-            if s is None:
+            if s is None and netdev_up(plan.netdev, self.sysfs):
                 relogin.append(plan)
-                continue
-            await self._check_disks(s, statuses[plan.iface], timeout)
         if relogin:
             await self._bring_up(spec, address, relogin, statuses)
+        await self._check_paths(spec, address, plans, statuses)
         if self.present(spec) is None or not any(s.state == UP for s in statuses.values()):
             failures = [s.last_error for s in statuses.values() if s.last_error is not None]
             raise best_error(failures) if failures else errors.IscsiSetupError(
                 f"no path to {spec.iqn} at {spec.portal} is up")
 
-    async def _check_disks(self, session: Session, status: PathStatus, timeout: float) -> None:
-        for disk in session.disks:
-            path = f"/dev/{disk}"
-            try:
-                await probe.run(functools.partial(_read_first_block, path), f"reading {path}",
-                                timeout)
-            except errors.Error as e:
-                status.fail(errors.IscsiSetupError(f"{path} does not answer: {e.message}"))
-            except OSError as e:
-                status.fail(errors.IscsiSetupError(f"{path} does not answer: {e.strerror}"))
+    async def _check_paths(self, spec: IscsiSpec, address: str, plans: list[PathPlan],
+                           statuses: dict[str, PathStatus]) -> None:
+        """A direct read of every disk of every logged-in path whose link is up, all at once
+        (a path whose link is down is left: a read through it would wait for the session)."""
+        sessions = self._sessions()
+        checks = []
+        for plan in plans:
+            s = session_of(sessions, spec, address, plan.iface)
+            if s is not None and s.logged_in and netdev_up(plan.netdev, self.sysfs):
+                checks.append(self.disks.check(s, statuses[plan.iface]))
+        await asyncio.gather(*checks)
 
     # --- disconnect ----------------------------------------------------------------------
 
@@ -358,6 +367,8 @@ class IscsiConnector(Connector[IscsiSpec]):
             # Without the tpgt: the records of every key that shared this session go too.
             await self._delete_node(spec, node_portal(spec, address, tpgt=False), plan.iface)
         if failures:
+            if isinstance(failures[0], errors.Timeout):
+                raise failures[0]  # a deadline is 480, whichever command ran past it
             raise errors.IscsiLogoutError(failures[0].message, failures[0].data)
         self._plans.pop(spec.key, None)
         self._paths.pop(spec.key, None)
@@ -404,13 +415,3 @@ def _up(session: Session | None) -> bool:
 
 def _which(command: str) -> bool:
     return shutil.which(command) is not None
-
-
-def _read_first_block(path: str) -> None:
-    """One direct read of the first 4 KiB (page cache bypassed: the device must answer)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        with mmap.mmap(-1, 4096) as buf:
-            os.readv(fd, [buf])
-    finally:
-        os.close(fd)

@@ -11,9 +11,12 @@ its own instead, named after that initiator name.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
+import mmap
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,6 +25,7 @@ from typing import Any
 from vdsmconn import errors
 from vdsmconn.host.command import CommandRunner
 from vdsmconn.host.iscsi_parse import Session
+from vdsmconn.host.probe import Probes
 from vdsmconn.model import IscsiSpec
 
 log = logging.getLogger(__name__)
@@ -48,11 +52,27 @@ class PathStatus:
     error_time: float | None = None
     session: int | None = None
     devices: tuple[str, ...] = field(default_factory=tuple)
+    # The session whose disk did not answer a read: the path stays down while that session
+    # is the path's, until a read through it answers (a new session is a new chance).
+    unanswered: int | None = None
 
     def fail(self, e: errors.Error) -> None:
         self.state = DOWN
         self.last_error = e
         self.error_time = time.time()
+
+    def not_answering(self, sid: int, e: errors.Error) -> None:
+        self.fail(e)
+        self.unanswered = sid
+
+    def answered(self, sid: int) -> None:
+        """Every disk of session `sid` answered a read."""
+        if self.unanswered is not None:
+            self.unanswered = None
+            self.last_error = None
+
+    def usable(self, sid: int) -> bool:
+        return self.unanswered != sid
 
     def to_wire(self) -> dict[str, Any]:
         error = None
@@ -240,3 +260,55 @@ def _swap(path: str, old: str, new: str) -> str | None:
     with open(path, "w") as f:
         f.write(new)
     return value
+
+
+class DiskReader:
+    """Whether a path answers: a direct read of the first block of each disk of its session,
+    in a probe thread (at most one per disk, however long a read hangs). A disk that fails
+    is 481; one that does not answer within the probe timeout 481 too, as a hung one."""
+
+    def __init__(self, probes: Probes, timeout: float, dev: str = "/dev") -> None:
+        self.probes = probes
+        self.timeout = timeout
+        self.dev = dev
+
+    async def check(self, session: Session, status: PathStatus) -> None:
+        """Read every disk of `session` at once; the path is down while one does not answer."""
+        if not session.disks:
+            return
+        failures = [e for e in await asyncio.gather(*(self.read(d) for d in session.disks))
+                    if e is not None]
+        if failures:
+            if status.usable(session.sid):
+                log.warning("ISCSI session %d iface=%s path down: %s", session.sid,
+                            status.iface, failures[0].message)
+            status.not_answering(session.sid, failures[0])
+        else:
+            if not status.usable(session.sid):
+                log.info("ISCSI session %d iface=%s path answers again", session.sid,
+                         status.iface)
+            status.answered(session.sid)
+
+    async def read(self, disk: str) -> errors.Error | None:
+        """Read the first block of `disk`: None if it answered, else what went wrong."""
+        path, shown = os.path.join(self.dev, disk), f"/dev/{disk}"
+        try:
+            await self.probes.run(path, functools.partial(read_first_block, path),
+                                  f"reading {shown}", self.timeout)
+        except errors.Timeout as e:
+            return errors.MountHung(f"{shown} does not answer: {e.message}", {"device": shown})
+        except OSError as e:
+            return errors.StaleMount(f"{shown} does not answer: {e.strerror or e}",
+                                     {"device": shown, "errno": e.errno})
+        return None
+
+
+def read_first_block(path: str) -> None:
+    """Blocking: one direct read of the first 4 KiB (page cache bypassed: the device must
+    answer)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        with mmap.mmap(-1, 4096) as buf:
+            os.readv(fd, [buf])
+    finally:
+        os.close(fd)
