@@ -239,6 +239,7 @@ class Service:
             "key": str(key),
             "refs": self.desired.refs(key),
             "connection": spec.to_wire(),
+            "engineID": spec.engine_id,
             "lastError": st.last_error.to_wire() if st and st.last_error else None,
             "lastFailure": st.last_failure.to_wire() if st and st.last_failure else None,
             "since": st.since if st else None,
@@ -307,8 +308,8 @@ class Service:
                 "managed": False, "connected": True, "state": str(State.CONNECTED),
                 "key": "file:" + f["path"][len(root.rstrip("/")) + 1 :],
                 "refs": 0, "connection": {k: v for k, v in f.items() if k != "path"},
-                "lastError": None, "lastFailure": None, "since": None, "attempts": 0,
-                "nextRetry": None,
+                "engineID": None, "lastError": None, "lastFailure": None, "since": None,
+                "attempts": 0, "nextRetry": None,
                 "path": f["path"], "paths": None, "lastCheck": now,
             }
             for f in found
@@ -329,8 +330,8 @@ class Service:
                 "key": f"iscsi:{x.address}:{x.port},{x.tpgt},{x.iqn},{x.iface}", "refs": 0,
                 "connection": {"type": "iscsi", "connection": x.address, "port": x.port,
                                "tpgt": x.tpgt, "iqn": x.iqn, "ifaceName": x.iface},
-                "lastError": None, "lastFailure": None, "since": None, "attempts": 0,
-                "nextRetry": None,
+                "engineID": None, "lastError": None, "lastFailure": None, "since": None,
+                "attempts": 0, "nextRetry": None,
                 "path": None, "paths": None, "lastCheck": now,
             }
             for x in iscsi.unmanaged(specs)
