@@ -54,6 +54,17 @@ TARGETS: dict[str, tuple[str, float]] = {
     "rss_10k_mb": ("<=", 150.0),
     "adopt_1000_s": ("<=", 5.0),
     "remounts_on_restart": ("<=", 0.0),
+    "isolation_ratio": ("<=", 1.5),
+}
+
+# The figures each phase measures (--phases picks phases; all by default).
+PHASES: dict[str, tuple[str, ...]] = {
+    "rtt": ("rpc_rtt_ratio",),
+    "connect": ("connect_ratio", "remount_ratio"),
+    "commit": ("group_commit_ratio",),
+    "list": ("list_ratio", "rss_10k_mb", "adopt_1000_s", "remounts_on_restart"),
+    "hung": ("hung_p99_ratio",),
+    "isolation": ("isolation_ratio",),
 }
 
 
@@ -773,6 +784,129 @@ def phase_hung(daemon: Daemon, control: Daemon, seconds: float, clients: int,
     return out
 
 
+class DeadServer:
+    """An address in a network namespace of our own whose nftables input policy is drop:
+    every connection to it hangs until its deadline (glusterd never answers, TCP SYNs are
+    never acknowledged)."""
+
+    def __init__(self) -> None:
+        tag = os.getpid()
+        self.ns = f"vcbd{tag % 100000}"
+        self.link, self.peer = f"{self.ns}h", f"{self.ns}n"
+        self.subnet = f"10.248.{tag % 250}"
+        self.address = f"{self.subnet}.2"
+
+    def _run(self, *argv: str, check: bool = True) -> None:
+        subprocess.run(argv, check=check, timeout=30, capture_output=True)
+
+    def start(self) -> None:
+        in_ns = ("nsenter", f"--net=/run/netns/{self.ns}")
+        self._run("ip", "netns", "add", self.ns)
+        self._run("ip", "link", "add", self.link, "type", "veth", "peer", "name", self.peer)
+        self._run("ip", "link", "set", self.peer, "netns", self.ns)
+        self._run("ip", "addr", "add", f"{self.subnet}.1/24", "dev", self.link)
+        self._run("ip", "link", "set", self.link, "up")
+        self._run("ip", "-n", self.ns, "addr", "add", f"{self.address}/24", "dev", self.peer)
+        self._run("ip", "-n", self.ns, "link", "set", self.peer, "up")
+        self._run(*in_ns, "nft", "add table inet vcdead; add chain inet vcdead input "
+                  "{ type filter hook input priority 0; policy drop; }")
+
+    def citing(self) -> dict[int, list[str]]:
+        """Processes whose command line names the address."""
+        found = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                raw = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            argv = raw.decode(errors="replace").rstrip("\0").split("\0")
+            if any(self.address in a for a in argv):
+                found[int(entry)] = argv
+        return found
+
+    def hanging(self) -> int:
+        """Keys with a command (gluster CLI or mount) working on the dead server now."""
+        volumes = set()
+        for argv in self.citing().values():
+            name = os.path.basename(argv[0])
+            if name == "gluster" and "info" in argv:
+                volumes.add(argv[argv.index("info") + 1])
+            elif name == "mount":
+                volumes.update(a for a in argv if a.startswith(f"{self.address}:/"))
+        return len(volumes)
+
+    def close(self) -> None:
+        """Kill what still talks to the address (the glusterfs FUSE clients leave the mount
+        command's process group), then remove the namespace and its link."""
+        deadline = time.monotonic() + 20
+        while (pids := list(self.citing())) and time.monotonic() < deadline:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+        self._run("ip", "netns", "del", self.ns, check=False)
+        self._run("ip", "link", "del", self.link, check=False)
+
+
+ISOLATION_DEAD_KEYS = 24
+ISOLATION_BUSY = 16  # dead keys whose commands run at once: the old global limit, and the
+# default per-server one
+
+
+def healthy_connect(daemon: Daemon, table: MountTable, name: str, timeout: float) -> float:
+    """Manage a new tmpfs key; seconds from the request to its mount in the mount table."""
+    path = f"{daemon.mount_root}/{name}"
+    t0 = time.perf_counter()
+    daemon.call("manageStorageServer", {"connectionID": name, "connection": posix(name)})
+    return table.wait_for(path, True, timeout) - t0
+
+
+def phase_isolation(dead: DeadServer, with_dead: Daemon, alone: Daemon, rounds: int,
+                    timeout: float) -> dict[str, Any]:
+    """Two daemons in the same state, except that one also has 24 GlusterFS keys on a server
+    that drops every packet (their commands hang until their deadline). A new tmpfs key is
+    connected on each, alternately, `rounds` times, each time on the first one only once
+    16 commands hang on the dead server (so a limit shared with the dead server is full);
+    the figure is the ratio of the medians. Keys are not unmanaged between rounds: a
+    teardown would wait for a slot as well."""
+    table = MountTable()
+    samples: dict[str, list[float]] = {"with": [], "alone": []}
+    hanging = []
+    try:
+        healthy_connect(alone, table, "iso-warm", timeout)  # warm-up, before the dead keys
+        healthy_connect(with_dead, table, "iso-warm", timeout)
+        for i in range(ISOLATION_DEAD_KEYS):
+            with_dead.call("manageStorageServer", {
+                "connectionID": f"dead-{i}",
+                "connection": {"type": "glusterfs", "connection": f"{dead.address}:/v{i}"}})
+        for i in range(rounds):
+            order = [("with", with_dead), ("alone", alone)]
+            for label, daemon in order if i % 2 == 0 else order[::-1]:
+                if daemon is with_dead:
+                    hanging.append(wait_hanging(dead, timeout))
+                samples[label].append(healthy_connect(daemon, table, f"iso-{i}", timeout))
+                progress(f"isolation round {i} {label}: {samples[label][-1] * 1e3:.1f} ms")
+    finally:
+        table.close()
+    found = with_dead.call("getStorageServerList", {"prefix": "dead-"})
+    connecting = sum(1 for s in found.values() if s["state"] == "connecting")
+    return {"with_s": median(samples["with"]), "alone_s": median(samples["alone"]),
+            "with_max_s": max(samples["with"]), "hanging": min(hanging),
+            "connecting": connecting}
+
+
+def wait_hanging(dead: DeadServer, timeout: float) -> int:
+    """Until ISOLATION_BUSY commands hang on the dead server; how many do."""
+    deadline = time.monotonic() + timeout
+    while (n := dead.hanging()) < ISOLATION_BUSY:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {n} commands hang on the dead server: {dead.citing()}")
+        time.sleep(0.05)
+    return n
+
+
 # --- the run ---------------------------------------------------------------------------------
 
 
@@ -791,27 +925,11 @@ def machine() -> dict[str, str]:
             "load_at_start": " ".join(Path("/proc/loadavg").read_text().split()[:3])}
 
 
-def run(args: argparse.Namespace, base: Path, daemons: list[Daemon]) -> None:
-    profiler = Profiler(Path(args.profile).resolve() if args.profile else None)
-    info = machine()
-    rows: list[tuple[str, str]] = []
-    result: dict[str, float] = {}
-    (base / "mnt").mkdir(parents=True)
-    (base / "run").mkdir(parents=True)
+Rows = list[tuple[str, str]]
 
 
-    d1 = Daemon(base, "daemon1")
-    daemons.append(d1)
-    d1.start()
-    progress(f"daemon pid {d1.pid} ready in {d1.ready - d1.started:.2f}s")
-
-    progress("rpc round trip")
-    with profiler.phase(d1, "rtt"):
-        r = phase_rtt(base, d1, args.rtt)
-    result["rpc_rtt_ratio"] = r["daemon_rtt"] / r["echo_rtt"]
-    rows.append(("rpc_rtt_ratio", f"getHostInfo {r['daemon_rtt'] * 1e6:.0f} us vs echo "
-                 f"{r['echo_rtt'] * 1e6:.0f} us (medians of {args.rtt} each, alternating)"))
-
+def run_connect(args: argparse.Namespace, base: Path, d1: Daemon, profiler: Profiler,
+                result: dict[str, float], rows: Rows) -> None:
     progress(f"connect {args.connect} tmpfs")
     # Alternating with the baseline (100 direct `mount -t tmpfs`), medians of each.
     connects = []
@@ -839,15 +957,9 @@ def run(args: argparse.Namespace, base: Path, daemons: list[Daemon]) -> None:
                  f"(max {max(rem) * 1e3:.1f}) vs one direct mount {direct_one * 1e3:.1f} ms"))
     unmanage_all(d1, "bench-")
 
-    progress(f"group commit: {args.gc_clients} clients for {args.gc_seconds}s")
-    with profiler.phase(d1, "group-commit"):
-        g = phase_group_commit(d1, args.gc_clients, args.gc_seconds, base / "state-fs")
-    sqlite_rate = g["sqlite_per_s"]
-    result["group_commit_ratio"] = g["gc_per_s"] / sqlite_rate
-    rows.append(("group_commit_ratio", f"{g['gc_per_s']:.0f} durable manage/s with "
-                 f"{args.gc_clients} clients vs {sqlite_rate:.0f} single-row commits/s "
-                 "(alternating 1 s windows)"))
 
+def run_list_restart(args: argparse.Namespace, base: Path, d1: Daemon, profiler: Profiler,
+                     daemons: list[Daemon], result: dict[str, float], rows: Rows) -> None:
     progress(f"list: {args.keys * args.per_key} CIDs on {args.keys} keys")
     li = phase_list(d1, args.keys, args.per_key, args.list_calls, profiler)
     result["list_ratio"] = li["list_s"] / li["json_s"]
@@ -876,6 +988,9 @@ def run(args: argparse.Namespace, base: Path, daemons: list[Daemon]) -> None:
                  f"{time.perf_counter() - t0:.1f} s"))
     d2.stop()
 
+
+def run_hung(args: argparse.Namespace, base: Path, profiler: Profiler, daemons: list[Daemon],
+             result: dict[str, float], rows: Rows) -> None:
     progress("hung FUSE mount")
     # Probes every second, and one that hangs stays out for the whole measurement.
     supervisor = {"probe_interval": 1, "probe_timeout": 120}
@@ -901,7 +1016,89 @@ def run(args: argparse.Namespace, base: Path, daemons: list[Daemon]) -> None:
     d3.stop()
     d4.stop()
 
-    ordered = {k: float(round(result[k], 4)) for k in TARGETS}
+
+def run_isolation(args: argparse.Namespace, base: Path, daemons: list[Daemon],
+                  result: dict[str, float], rows: Rows) -> None:
+    progress(f"isolation: {ISOLATION_DEAD_KEYS} glusterfs keys on a dead server")
+    timeout = args.isolation_timeout
+    pair = []
+    for name in ("iso-dead", "iso-alone"):
+        (base / name / "mnt").mkdir(parents=True)
+        d = Daemon(base / name, name, supervisor={"command_timeout": timeout})
+        daemons.append(d)
+        d.start()
+        pair.append(d)
+    with_dead, alone = pair
+    dead = DeadServer()
+    try:
+        dead.start()
+        iso = phase_isolation(dead, with_dead, alone, args.isolation_rounds, 3 * timeout + 30)
+    except Exception:
+        progress(f"daemon {with_dead.name} log tail:\n{with_dead.tail()}")
+        raise
+    finally:
+        with_dead.stop()  # first: it would start new mounts on the dead server
+        dead.close()
+        alone.stop()
+        umount_below(str(base / "iso-dead"))
+        umount_below(str(base / "iso-alone"))
+    result["isolation_ratio"] = iso["with_s"] / iso["alone_s"]
+    rows.append(("isolation_ratio", f"new tmpfs key mounted after {iso['with_s'] * 1e3:.1f} ms "
+                 f"(max {iso['with_max_s'] * 1e3:.1f}) with {ISOLATION_DEAD_KEYS} glusterfs keys"
+                 f" on a dead server vs {iso['alone_s'] * 1e3:.1f} ms alone (medians of "
+                 f"{args.isolation_rounds}, alternating; each with >= {iso['hanging']} commands "
+                 f"hanging, {iso['connecting']} dead keys connecting at the end; "
+                 f"command_timeout {timeout:g} s)"))
+
+
+def run(args: argparse.Namespace, base: Path, daemons: list[Daemon]) -> None:
+    profiler = Profiler(Path(args.profile).resolve() if args.profile else None)
+    phases = set(args.phases)
+    info = machine()
+    rows: list[tuple[str, str]] = []
+    result: dict[str, float] = {}
+    (base / "mnt").mkdir(parents=True)
+    (base / "run").mkdir(parents=True)
+
+    if phases & {"rtt", "connect", "commit", "list"}:
+        d1 = Daemon(base, "daemon1")
+        daemons.append(d1)
+        d1.start()
+        progress(f"daemon pid {d1.pid} ready in {d1.ready - d1.started:.2f}s")
+
+    if "rtt" in phases:
+        progress("rpc round trip")
+        with profiler.phase(d1, "rtt"):
+            r = phase_rtt(base, d1, args.rtt)
+        result["rpc_rtt_ratio"] = r["daemon_rtt"] / r["echo_rtt"]
+        rows.append(("rpc_rtt_ratio", f"getHostInfo {r['daemon_rtt'] * 1e6:.0f} us vs echo "
+                     f"{r['echo_rtt'] * 1e6:.0f} us (medians of {args.rtt} each, alternating)"))
+
+    if "connect" in phases:
+        run_connect(args, base, d1, profiler, result, rows)
+
+    if "commit" in phases:
+        progress(f"group commit: {args.gc_clients} clients for {args.gc_seconds}s")
+        with profiler.phase(d1, "group-commit"):
+            g = phase_group_commit(d1, args.gc_clients, args.gc_seconds, base / "state-fs")
+        sqlite_rate = g["sqlite_per_s"]
+        result["group_commit_ratio"] = g["gc_per_s"] / sqlite_rate
+        rows.append(("group_commit_ratio", f"{g['gc_per_s']:.0f} durable manage/s with "
+                     f"{args.gc_clients} clients vs {sqlite_rate:.0f} single-row commits/s "
+                     "(alternating 1 s windows)"))
+
+    if "list" in phases:
+        run_list_restart(args, base, d1, profiler, daemons, result, rows)
+    elif phases & {"rtt", "connect", "commit"}:
+        d1.stop()
+
+    if "hung" in phases:
+        run_hung(args, base, profiler, daemons, result, rows)
+
+    if "isolation" in phases:
+        run_isolation(args, base, daemons, result, rows)
+
+    ordered = {k: float(round(result[k], 4)) for k in TARGETS if k in result}
     print()
     print("vdsmconn benchmark  " + "  ".join(f"{k}={v}" for k, v in info.items()))
     print(f"code: {SOURCE}  load_at_end="
@@ -909,6 +1106,8 @@ def run(args: argparse.Namespace, base: Path, daemons: list[Daemon]) -> None:
     print(f"{'figure':22} {'value':>10} {'target':>8}  {'met':4} detail")
     details = dict(rows)
     for key, (op, target) in TARGETS.items():
+        if key not in ordered:
+            continue
         value = ordered[key]
         met = value <= target if op == "<=" else value >= target
         print(f"{key:22} {value:10.3f} {op + format(target, 'g'):>8}  {'yes' if met else 'NO':4} "
@@ -940,7 +1139,16 @@ def main() -> int:
     parser.add_argument("--hung-seconds", type=float, default=10.0,
                         help="one-second windows on each of the two daemons")
     parser.add_argument("--hung-clients", type=int, default=4)
+    parser.add_argument("--isolation-rounds", type=int, default=10,
+                        help="new tmpfs keys connected on each of the two daemons")
+    parser.add_argument("--isolation-timeout", type=float, default=20.0,
+                        help="command_timeout of the isolation daemons, seconds")
+    parser.add_argument("--phases", type=lambda v: v.split(","), default=list(PHASES),
+                        help="comma-separated phases to run, of " + ",".join(PHASES)
+                        + " (default: all)")
     args = parser.parse_args()
+    if unknown := set(args.phases) - set(PHASES):
+        parser.error(f"unknown phases: {', '.join(sorted(unknown))}")
     global SOURCE
     SOURCE = Path(args.source).resolve()
     if not (SOURCE / "vdsmconn" / "__main__.py").exists():
