@@ -81,6 +81,16 @@ class ManagedConfig:
 
 
 @dataclass(frozen=True)
+class VdsmConfig:
+    """VDSM's verbs (StoragePool.connectStorageServer...): how long a call waits for its
+    connections. Keep it below the engine's command timeout (vdsTimeout, 180 s by default),
+    so the engine gets the statuses and not a timeout of its own."""
+
+    connect_timeout: float = 150.0  # connected or failed once, else status 480
+    disconnect_timeout: float = 150.0  # torn down or failed once, else status 480
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "info"
 
@@ -100,6 +110,7 @@ class Config:
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     iscsi: IscsiConfig = field(default_factory=IscsiConfig)
     managed: ManagedConfig = field(default_factory=ManagedConfig)
+    vdsm: VdsmConfig = field(default_factory=VdsmConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -131,6 +142,8 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "iscsi.sysfs_root": (os.path.isabs, "an absolute path"),
     "managed.helper_timeout": _POSITIVE,
     "managed.helper_command": (lambda v: bool(v.strip()), "a command line"),
+    "vdsm.connect_timeout": (lambda v: 0 < v <= 3600, "a number from 0 (excluded) to 3600"),
+    "vdsm.disconnect_timeout": (lambda v: 0 < v <= 3600, "a number from 0 (excluded) to 3600"),
     "logging.level": (lambda v: v in LOG_LEVELS, "one of " + ", ".join(LOG_LEVELS)),
     "metrics.listen": (lambda v: v is None or _is_hostport(v), "HOST:PORT or null"),
     "rpc.tcp.listen": (lambda v: v is None or _is_hostport(v), "HOST:PORT or null"),
