@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine
 from typing import Any, TypeVar
 
 from vdsmconn import __version__, errors
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 ERROR_STATES = (State.FAILED, State.STUCK)
 T = TypeVar("T")
+K = TypeVar("K", str, ConnectionKey)
 BACKENDS_TTL = 10.0  # seconds getHostInfo may show a backend's availability unchanged
 
 
@@ -371,6 +372,70 @@ class Service:
             raise errors.Timeout(
                 f"not {until} within {timeout:g} s", statuses
             ) from None
+
+    async def wait_settled(self, cids: list[str], since: float, timeout: float,
+                           remade: Collection[str] = ()) -> dict[str, int]:
+        """Until each CID is connected (0) or has failed since `since` (its error code): "try
+        once". A CID still neither at the timeout is 480; one no longer managed, 479.
+        `remade`: CIDs whose connection changed in place (same key) since then: the old
+        connection still up does not count, only one connected since `since`.
+
+        A key that failed before `since` is retried now rather than after its backoff: the
+        caller wants to know whether it connects today, not what went wrong earlier."""
+        for key in {e.key for c in cids if (e := self.desired.get(c)) is not None}:
+            st = self.actual.get(key)
+            if st is not None and st.state == State.FAILED:
+                self.reconciler.kick(key)
+
+        def settled(cid: str) -> int | None:
+            entry = self.desired.get(cid)
+            if entry is None:
+                return errors.ConnectionIdNotFound.code
+            st = self.actual.get(entry.key)
+            if st is None:
+                return None
+            if st.connected and (cid not in remade or st.since >= since):
+                return 0
+            for error in (st.last_error, st.last_failure):
+                if error is not None and error.time >= since:
+                    return error.code
+            return None
+
+        return await self._wait_codes(cids, settled, timeout)
+
+    async def wait_torn_down(self, keys: list[ConnectionKey], since: float,
+                             timeout: float) -> dict[ConnectionKey, int]:
+        """Until the real connection of each key is gone (0) or its teardown has failed since
+        `since` (the error code: 452, 474, 477...); 480 at the timeout. A key that a CID
+        refers to (again) is not torn down: 0 at once."""
+
+        def gone(key: ConnectionKey) -> int | None:
+            st = self.actual.get(key)
+            if self.desired.refs(key) or st is None:
+                return 0
+            error = st.last_error
+            if st.state == State.DISCONNECTING and error is not None and error.time >= since:
+                return error.code
+            return None
+
+        return await self._wait_codes(keys, gone, timeout)
+
+    async def _wait_codes(self, items: list[K], code: Callable[[K], int | None],
+                          timeout: float) -> dict[K, int]:
+        """Wake on every change until `code` gives each item a code; Timeout's for the rest."""
+        done: dict[K, int] = {}
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    changed = self._changed
+                    for item in items:
+                        if item not in done and (found := code(item)) is not None:
+                            done[item] = found
+                    if len(done) == len(set(items)):
+                        return done
+                    await changed.wait()
+        except TimeoutError:
+            return {item: done.get(item, errors.Timeout.code) for item in items}
 
     # --- checks and information ----------------------------------------------------------
 
