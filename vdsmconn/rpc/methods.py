@@ -9,7 +9,7 @@ from typing import Any
 
 from vdsmconn import errors
 from vdsmconn.model import Secret
-from vdsmconn.rpc import params
+from vdsmconn.rpc import params, vdsm
 from vdsmconn.rpc.jsonrpc import Method, Session
 from vdsmconn.service import Service
 
@@ -159,4 +159,5 @@ def build(service: Service) -> list[Method]:
         return {"events": subs.remove(s, _events(p["events"]))}
 
     return [manage, unmanage, get_list, wait, update, test, host_info, discover,
-            device_list, domain_list, connector_info, subscribe, unsubscribe]
+            device_list, domain_list, connector_info, subscribe, unsubscribe,
+            *vdsm.build(service)]
