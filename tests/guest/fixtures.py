@@ -7,7 +7,8 @@ up on the host.
 - ``guest_modules``: the kernel modules loaded (session).
 - ``nfs_export``: nfs-kernel-server exporting a fresh directory (v3 and v4.x).
 - ``iscsi_target``: factory of LIO targets (file-backed LUNs, optional CHAP, portals on
-  127.0.0.1 or in a network namespace behind veth links).
+  127.0.0.1 or in a network namespace behind veth links); with ``dm=True`` each LUN is a
+  device-mapper device that can be made to fail (``error`` table) or hang (suspended).
 - ``bond``: an active-backup bonding device over veth links.
 - ``multipath``: multipathd running with a test configuration.
 - ``systemd_unit``: factory of transient units in /run/systemd/system.
@@ -217,6 +218,32 @@ class IscsiTarget:
     netns: str | None
     links: list[Link]
     chap: tuple[str, str] | None
+    dm: list[str] = field(default_factory=list)  # device-mapper names of the LUNs (dm=True)
+    size_mb: int = 64
+
+    @property
+    def backstore(self) -> str:
+        return "block" if self.dm else "fileio"
+
+    def _table(self, i: int, kind: str) -> str:
+        return f"0 {self.size_mb * 2048} {kind}"
+
+    def fail_lun(self, i: int = 0) -> None:
+        """Reads of LUN i fail from now on (its device-mapper table becomes ``error``)."""
+        sh("dmsetup", "reload", self.dm[i], "--table", self._table(i, "error"))
+        sh("dmsetup", "resume", self.dm[i])
+
+    def restore_lun(self, i: int = 0) -> None:
+        """LUN i answers again (zeros: the ``zero`` table it was made with)."""
+        sh("dmsetup", "reload", self.dm[i], "--table", self._table(i, "zero"))
+        sh("dmsetup", "resume", self.dm[i])
+
+    def suspend_lun(self, i: int = 0) -> None:
+        """I/O to LUN i waits from now on (until ``resume_lun``): reads of it hang."""
+        sh("dmsetup", "suspend", "--nolockfs", self.dm[i])
+
+    def resume_lun(self, i: int = 0) -> None:
+        sh("dmsetup", "resume", self.dm[i])
 
     def targetcli(self, commands: list[str]) -> str:
         """Feed commands to ONE targetcli process (in the portal namespace); its output."""
@@ -266,8 +293,14 @@ def _create_target(target: IscsiTarget, size_mb: int) -> None:
     commands = ["set global auto_add_default_portal=false", f"/iscsi create {target.iqn}"]
     for i, lun in enumerate(target.luns):
         name = f"{target.iqn.rsplit(':', 1)[1]}_lun{i}"
-        commands.append(f"/backstores/fileio create name={name} file_or_dev={lun} size={size_mb}M")
-        commands.append(f"{tpg}/luns create /backstores/fileio/{name}")
+        if target.dm:
+            sh("dmsetup", "create", target.dm[i], "--table", target._table(i, "zero"))
+            commands.append(f"/backstores/block create name={name} "
+                            f"dev=/dev/mapper/{target.dm[i]}")
+        else:
+            commands.append(f"/backstores/fileio create name={name} file_or_dev={lun} "
+                            f"size={size_mb}M")
+        commands.append(f"{tpg}/luns create /backstores/{target.backstore}/{name}")
     for portal in target.portals:
         ip, port = portal.rsplit(":", 1)
         commands.append(f"{tpg}/portals create {ip} {port}")
@@ -291,9 +324,14 @@ def _delete_target(target: IscsiTarget) -> None:
         target.logout(portal)
     sh("iscsiadm", "-m", "node", "-T", target.iqn, "-o", "delete", check=False)
     names = [f"{target.iqn.rsplit(':', 1)[1]}_lun{i}" for i in range(len(target.luns))]
+    for name in target.dm:
+        sh("dmsetup", "resume", name, check=False)  # a suspended LUN lets its callers go
     target.targetcli(
-        [f"/iscsi delete {target.iqn}", *(f"/backstores/fileio delete {n}" for n in names)]
+        [f"/iscsi delete {target.iqn}",
+         *(f"/backstores/{target.backstore} delete {n}" for n in names)]
     )
+    for name in target.dm:
+        sh("dmsetup", "remove", "--retry", name, check=False)
 
 
 IscsiTargetFactory = Callable[..., IscsiTarget]
@@ -301,17 +339,20 @@ IscsiTargetFactory = Callable[..., IscsiTarget]
 
 @pytest.fixture
 def iscsi_target(guest_modules: None) -> Iterator[IscsiTargetFactory]:
-    """Factory: ``iscsi_target(luns=1, size_mb=64, chap=None, links=0)`` -> IscsiTarget.
+    """Factory: ``iscsi_target(luns=1, size_mb=64, chap=None, links=0, dm=False)`` ->
+    IscsiTarget.
 
     links=0 puts one portal on 127.0.0.1:3260 in the root namespace; links=N creates a
     network namespace holding the target with N (<= 4) veth links to it, one portal per
     link (10.77.x.2:3260, distinct per target); ``target.links[i].down()``/``.up()`` cut
-    and restore a path.
+    and restore a path. dm=True backs each LUN with a device-mapper device (reads give zeros)
+    that ``fail_lun``/``restore_lun`` and ``suspend_lun``/``resume_lun`` break and mend.
     """
     created: list[IscsiTarget] = []
 
     def create(
-        luns: int = 1, size_mb: int = 64, chap: tuple[str, str] | None = None, links: int = 0
+        luns: int = 1, size_mb: int = 64, chap: tuple[str, str] | None = None, links: int = 0,
+        dm: bool = False,
     ) -> IscsiTarget:
         n = next(_serial)
         netns = f"vdsmtgt{n}" if links else None
@@ -330,6 +371,8 @@ def iscsi_target(guest_modules: None) -> Iterator[IscsiTargetFactory]:
             netns=netns,
             links=made,
             chap=chap,
+            dm=[f"vdsmconn-target{n}-lun{i}" for i in range(luns)] if dm else [],
+            size_mb=size_mb,
         )
         created.append(target)
         _create_target(target, size_mb)

@@ -6,7 +6,8 @@ Through the real daemon: manage → node record with node.startup=manual, sessio
 nextRetry; two keys on one session → logout only after the last; logout failure → 474.
 Through the connector itself: discovery with and without CHAP; an iSCSI bond of two veth links
 → two sessions, two paths, one multipath map; link down → path down and degraded at once; link
-up → path back. Through the daemon again: the same link events, seen by its netlink monitor.
+up → path back. Through the daemon again: the same link events, seen by its netlink monitor;
+a LUN whose reads fail or hang (device-mapper under LIO) → 481 and back to `connected`.
 """
 
 from __future__ import annotations
@@ -516,3 +517,87 @@ def test_net_iface_name_over_a_bonding_device(daemon: Daemon, bond: Bond) -> Non
         _delete_target(target)
         target.luns[0].unlink(missing_ok=True)
         sh("iscsiadm", "-m", "iface", "-I", bond.name, "-o", "delete", check=False)
+
+
+# --- a LUN that stops answering ------------------------------------------------------------
+
+PROBE_INTERVAL, PROBE_TIMEOUT = 1, 5
+
+
+def blocked_threads(pid: int) -> int:
+    """Threads of process `pid` in uninterruptible sleep (a read waiting on a hung disk)."""
+    count = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            count += (task / "stat").read_text().rsplit(")", 1)[1].split()[0] == "D"
+    return count
+
+
+def until_status(daemon: Daemon, cid: str, check: Any, limit: float) -> tuple[float,
+                                                                               dict[str, Any]]:
+    """Seconds until the status of `cid` passes `check`, and that status."""
+    start = time.monotonic()
+    while not check(st := daemon.call("getStorageServerList", connectionIDs=[cid])[cid]):
+        assert time.monotonic() - start < limit, f"not within {limit} s: {st}"
+        time.sleep(0.05)
+    return time.monotonic() - start, st
+
+
+def broken(st: dict[str, Any]) -> bool:
+    return st["state"] in ("degraded", "stuck", "failed") and bool(st["lastError"]) and \
+        st["lastError"]["code"] == 481
+
+
+def test_lun_that_stops_answering_is_not_connected_until_it_answers(
+        tmp_path: Path, iscsi_target: IscsiTargetFactory) -> None:
+    """A LUN on a device-mapper device: its table made `error` (reads fail), then suspended
+    (reads hang). Each time the key leaves `connected` with 481 within a probe interval plus
+    the probe timeout, its session is kept, and it is `connected` again once reads answer;
+    while reads hang the daemon holds one blocked thread, however many probes come."""
+    t = iscsi_target(dm=True)
+    d = Daemon(tmp_path, supervisor={"probe_interval": PROBE_INTERVAL,
+                                     "probe_timeout": PROBE_TIMEOUT, "command_timeout": 30,
+                                     "backoff_initial": 0.5, "backoff_max": 2})
+    limit = PROBE_INTERVAL + PROBE_TIMEOUT + 10  # generous: the guest is emulated
+    try:
+        d.start()
+        d.call("manageStorageServer", connectionID="u", connection=conn(t))
+        st = d.call("waitStorageServer", connectionIDs=["u"], timeout=60)["u"]
+        assert st["state"] == "connected" and st["path"] == str(t.device())
+        sessions = t.sessions()
+
+        t.fail_lun()
+        failed_s, st = until_status(d, "u", broken, limit)
+        report("LUN reads fail", seconds=round(failed_s, 2), state=st["state"],
+               error=st["lastError"])
+        assert "does not answer" in st["lastError"]["message"]
+        assert st["lastError"]["message"].startswith("/dev/sd")
+        assert t.sessions() == sessions  # the session is kept: the LUN is what fails
+        t.restore_lun()
+        back_s, st = until_status(d, "u", lambda s: s["state"] == "connected", 60)
+        assert st["lastError"] is None and [p["state"] for p in st["paths"]] == ["up"]
+
+        assert d.proc is not None
+        t.suspend_lun()
+        try:
+            stuck_s, st = until_status(d, "u", broken, limit)
+            report("LUN reads hang", seconds=round(stuck_s, 2), state=st["state"],
+                   error=st["lastError"])
+            time.sleep(5 * PROBE_INTERVAL)  # probes and reconnects go on meanwhile
+            blocked = blocked_threads(d.proc.pid)
+            attempts = d.call("getStorageServerList", connectionIDs=["u"])["u"]["attempts"]
+            assert d.call("getHostInfo")["pid"] == d.proc.pid  # answers meanwhile
+        finally:
+            t.resume_lun()
+        resumed_s, st = until_status(d, "u", lambda s: s["state"] == "connected", 60)
+        report("LUN answers again", after_failing_s=round(back_s, 2),
+               after_hanging_s=round(resumed_s, 2), blocked_threads_while_hung=blocked,
+               attempts_while_hung=attempts)
+        assert blocked == 1
+        assert t.sessions() == sessions
+        assert log_lines(d, "path down: /dev/") and log_lines(d, "path answers again")
+        d.call("unmanageStorageServer", connectionID="u")
+        wait_for("logout", lambda: t.sessions() == [], 30)
+        torn_down(d)
+    finally:
+        d.cleanup()
