@@ -32,10 +32,20 @@ class TcpConfig:
 
 
 @dataclass(frozen=True)
+class StompConfig:
+    """STOMP 1.2 on the same listeners (SPEC 3.2): where requests and events go."""
+
+    request_destinations: tuple[str, ...] = ("jms.topic.vdsm_requests",
+                                             "jms.topic.vdsm_irs_requests")
+    event_destination: str = "jms.queue.events"
+
+
+@dataclass(frozen=True)
 class RpcConfig:
     socket: str = "/run/vdsmconn/vdsmconn.sock"
     socket_group: str | None = "kvm"
     tcp: TcpConfig = field(default_factory=TcpConfig)
+    stomp: StompConfig = field(default_factory=StompConfig)
     max_clients: int = 64
     idle_timeout: float = 600.0
     max_message: int = 1024 * 1024
@@ -114,6 +124,11 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
+def _is_destination(value: str) -> bool:
+    """A STOMP destination name in rpc.stomp."""
+    return bool(value) and value.isprintable() and not any(c.isspace() for c in value)
+
+
 # Checks of values beyond their type: key path -> (predicate, what is expected).
 _POSITIVE = (lambda v: v > 0, "a number greater than 0")
 _CHECKS: dict[str, tuple[Any, str]] = {
@@ -147,6 +162,11 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "logging.level": (lambda v: v in LOG_LEVELS, "one of " + ", ".join(LOG_LEVELS)),
     "metrics.listen": (lambda v: v is None or _is_hostport(v), "HOST:PORT or null"),
     "rpc.tcp.listen": (lambda v: v is None or _is_hostport(v), "HOST:PORT or null"),
+    "rpc.stomp.request_destinations": (
+        lambda v: bool(v) and all(_is_destination(d) for d in v),
+        "a non-empty list of destination names (printable, no spaces)"),
+    "rpc.stomp.event_destination": (_is_destination,
+                                    "a destination name (printable, no spaces)"),
 }
 
 
@@ -174,6 +194,14 @@ def _coerce(path: str, expected: Any, value: Any, source: str) -> Any:
         return value
     if base == "bool" and isinstance(value, bool):
         return value
+    if base == "tuple[str, ...]" and isinstance(value, list):
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise ConfigError(f"{source}: {path}[{i}]: expected str, "
+                                  f"got {type(item).__name__} {item!r}")
+        return tuple(value)
+    if base == "tuple[str, ...]":
+        base = "a list of str"
     raise ConfigError(f"{source}: {path}: expected {base}, got {type(value).__name__} {value!r}")
 
 
@@ -233,6 +261,10 @@ def check_complete(config: Config) -> None:
         raise ConfigError(f"supervisor.max_operations_per_server"
                           f" ({sup.max_operations_per_server})"
                           f" is above supervisor.max_operations ({sup.max_operations})")
+    stomp = config.rpc.stomp
+    if stomp.event_destination in stomp.request_destinations:
+        raise ConfigError(f"rpc.stomp.event_destination ({stomp.event_destination}) is also "
+                          "in rpc.stomp.request_destinations")
     tcp = config.rpc.tcp
     if tcp.listen is not None:
         for name in ("cert", "key", "ca"):

@@ -22,7 +22,7 @@ from vdsmconn.model import ConnectionKey, ConnectionSpec
 from vdsmconn.monitors import netlink, udev
 from vdsmconn.monitors.mountinfo import MountinfoWatcher
 from vdsmconn.reconcile.reconciler import Reconciler
-from vdsmconn.rpc import jsonrpc, methods, params
+from vdsmconn.rpc import jsonrpc, methods, params, stomp
 from vdsmconn.rpc.server import Limits, TlsServer, UnixServer, tls_context
 from vdsmconn.service import Service
 from vdsmconn.state.actual import ActualState
@@ -80,6 +80,7 @@ class Daemon:
         watcher = MountinfoWatcher()
         server: UnixServer | None = None
         tls: TlsServer | None = None
+        endpoint: stomp.Endpoint | None = None
         scrape: metrics.MetricsServer | None = None
         reconciler: Reconciler | None = None
         service: Service | None = None
@@ -124,13 +125,17 @@ class Daemon:
                 limits = Limits(max_message=cfg.rpc.max_message,
                                 idle_timeout=cfg.rpc.idle_timeout,
                                 max_clients=cfg.rpc.max_clients)
+                endpoint = stomp.Endpoint(
+                    stomp.Destinations(cfg.rpc.stomp.request_destinations,
+                                       cfg.rpc.stomp.event_destination),
+                    service.subscribe_changes, self.clock.monotonic)
                 server = UnixServer(dispatcher, cfg.rpc.socket, group=cfg.rpc.socket_group,
-                                    limits=limits)
+                                    limits=limits, stomp=endpoint)
                 await server.start()
                 tcp = cfg.rpc.tcp
                 if tcp.listen and tcp.cert and tcp.key and tcp.ca:
                     tls = TlsServer(dispatcher, tcp.listen, tls_context(tcp.cert, tcp.key, tcp.ca),
-                                    limits=limits)
+                                    limits=limits, stomp=endpoint)
                     await tls.start()
                 if cfg.metrics.listen:
                     scrape = metrics.MetricsServer(measure, cfg.metrics.listen)
@@ -155,6 +160,8 @@ class Daemon:
                 await tls.close()
             if server is not None:
                 await server.close()
+            if endpoint is not None:
+                endpoint.close()
             if service is not None:
                 # Changes whose clients went away still finish (and reach the disk).
                 await service.drain(cfg.supervisor.command_timeout)

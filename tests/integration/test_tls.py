@@ -4,63 +4,27 @@ framing and verbs as the unix socket. Certificates are made here with the openss
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.daemon import Daemon
+from tests.tlscerts import HAVE_OPENSSL, Pki, make_pki
 from tests.unit.test_metrics_collector import free_port
 from vdsmconn.rpc import server
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl missing")
-
-
-def openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def make_ca(folder: Path, name: str) -> None:
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-            "-keyout", f"{name}.key", "-out", f"{name}.pem", "-subj", f"/CN={name}",
-            "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=folder)
-
-
-def make_cert(folder: Path, ca: str, name: str, ext: str) -> None:
-    (folder / f"{name}.ext").write_text(ext)
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
-            "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=folder)
-    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-            "-CAcreateserial", "-days", "2", "-out", f"{name}.pem", "-extfile", f"{name}.ext",
-            cwd=folder)
-
-
-@dataclass
-class Pki:
-    folder: Path
-
-    def path(self, name: str) -> str:
-        return str(self.folder / name)
+pytestmark = pytest.mark.skipif(not HAVE_OPENSSL, reason="openssl missing")
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    folder = tmp_path_factory.mktemp("pki")
-    make_ca(folder, "engine-ca")
-    make_ca(folder, "other-ca")
-    make_cert(folder, "engine-ca", "host", "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-              "extendedKeyUsage=serverAuth\n")
-    make_cert(folder, "engine-ca", "engine", "extendedKeyUsage=clientAuth\n")
-    make_cert(folder, "other-ca", "intruder", "extendedKeyUsage=clientAuth\n")
-    return Pki(folder)
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture

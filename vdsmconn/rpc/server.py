@@ -1,10 +1,11 @@
 """Transports for the JSON-RPC dispatcher: newline-delimited UTF-8 JSON over a Unix socket
-and over TCP with TLS.
+and over TCP with TLS, and STOMP 1.2 on both (SPEC 3.2, rpc/stomp.py).
 
 `Connection` is the per-client logic (framing, limits, concurrent requests, one bounded
 outgoing queue) and knows nothing about the listener. `UnixServer` owns the socket file,
 checks peers and caps the clients; `TlsServer` (the engine's transport) accepts only clients
-whose certificate the configured CA signed, over TLS 1.2 or later.
+whose certificate the configured CA signed, over TLS 1.2 or later. Given a STOMP endpoint, a
+listener tells the protocol of each client from its first bytes.
 """
 
 from __future__ import annotations
@@ -19,11 +20,15 @@ import socket
 import ssl
 import stat
 import struct
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vdsmconn import errors
-from vdsmconn.rpc import jsonrpc
+from vdsmconn.rpc import jsonrpc, stompframe
+
+if TYPE_CHECKING:
+    from vdsmconn.rpc.stomp import Endpoint
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +45,18 @@ class Limits:
     max_queue: int = 256  # outgoing messages waiting for a slow reader -> dropped beyond
     max_pending: int = 64  # requests running per client; reading pauses beyond
     close_timeout: float = 5.0  # seconds to flush the last replies when closing
+    max_headers: int = 64  # STOMP: header lines in one frame (its size is max_message)
+    max_header_bytes: int = 16384  # STOMP: command and header lines of one frame
 
 
 class Connection:
     """One client. Requests run concurrently; replies and notifications are written one at a
     time from a bounded queue, so a client that does not read is dropped, never waited for.
-    Implements `jsonrpc.Session`."""
+    Implements `jsonrpc.Session`. Newline JSON-RPC here; stomp.StompConnection reads frames
+    instead (`_read_loop`) and writes heart-beats (`_heartbeat`)."""
+
+    protocol = "jsonrpc"
+    _EOL = b"\n"  # written after each queued message
 
     def __init__(
         self,
@@ -54,7 +65,9 @@ class Connection:
         dispatcher: jsonrpc.Dispatcher,
         limits: Limits,
         peer: str,
+        head: bytes = b"",
     ) -> None:
+        self._head = head  # bytes read before this object took over (protocol detection)
         self._reader = reader
         self._writer = writer
         self._dispatcher = dispatcher
@@ -82,7 +95,7 @@ class Connection:
 
     async def serve(self) -> None:
         """Serve until end of input, a limit or a write error; cancel to drop the client."""
-        log.info("CONNECT peer=%s", self._peer)
+        log.info("CONNECT peer=%s protocol=%s", self._peer, self.protocol)
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
@@ -155,13 +168,24 @@ class Connection:
                 self._close("end of input", flush=True)
                 return
             if line.strip():
-                task = self._tg.create_task(self._request(line))
-                self._pending.add(task)
-                task.add_done_callback(self._pending.discard)
+                self._spawn(self._request(line))
+
+    def _spawn(self, request: Coroutine[Any, Any, None]) -> None:
+        """Run one request of this client; reading pauses while max_pending run."""
+        assert self._tg is not None
+        task = self._tg.create_task(request)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     async def _readline(self) -> bytes | None:
         """The next line (b"" at end of input), or None after idle_timeout without input
         while no request of this client is running."""
+        if self._head:
+            first, eol, self._head = self._head.partition(b"\n")
+            if eol:
+                return first + eol
+            rest = await self._readline()
+            return None if rest is None else first + rest
         while True:
             try:
                 async with asyncio.timeout(self._limits.idle_timeout):
@@ -175,10 +199,22 @@ class Connection:
         if reply is not None:
             self._send(reply)
 
+    def _heartbeat(self) -> float | None:
+        """Seconds without output after which a heart-beat (an EOL) is written; None: never."""
+        return None
+
     async def _write_loop(self) -> None:
         try:
-            while (data := await self._queue.get()) is not None:
-                self._writer.write(data + b"\n")
+            while True:
+                try:
+                    async with asyncio.timeout(self._heartbeat()):
+                        data = await self._queue.get()
+                except TimeoutError:
+                    self._writer.write(b"\n")
+                else:
+                    if data is None:
+                        break
+                    self._writer.write(data + self._EOL)
                 await self._writer.drain()
             self._writer.close()
             await self._writer.wait_closed()
@@ -186,22 +222,43 @@ class Connection:
             self._close(f"write failed: {exc}", flush=False)
 
 
-def refuse(writer: asyncio.StreamWriter, peer: str, error: errors.Error) -> None:
-    """Send one error line to a client that is not served, and close its connection."""
+def refuse(writer: asyncio.StreamWriter, peer: str, error: errors.Error,
+           stomp: bool = False) -> None:
+    """Send one error (a line, or a STOMP ERROR frame) to a client that is not served, and
+    close its connection."""
     log.warning("REFUSE peer=%s reason=%s", peer, error.message)
-    writer.write(jsonrpc.encode_error(error) + b"\n")
+    if stomp:
+        writer.write(stompframe.encode("ERROR", [("message", error.message)]))
+    else:
+        writer.write(jsonrpc.encode_error(error) + b"\n")
     writer.close()
 
 
-class _Listener:
-    """What every transport shares: admitting clients, serving each with a `Connection`,
-    dropping them all on close."""
+async def sniff(reader: asyncio.StreamReader) -> tuple[bool, bytes]:
+    """Whether the client speaks STOMP, and the bytes read to tell (b"" at end of input)."""
+    head = b""
+    while (stomp := stompframe.sniff(head)) is None:
+        byte = await reader.read(1)
+        if not byte:
+            return False, head
+        head += byte
+    return stomp, head
 
-    def __init__(self, dispatcher: jsonrpc.Dispatcher, limits: Limits | None) -> None:
+
+class _Listener:
+    """What every transport shares: admitting clients, telling their protocol (with a STOMP
+    endpoint), serving each with a `Connection`, dropping them all on close."""
+
+    REFUSE_WAIT = 2.0  # seconds a refused client has to show its protocol before the reply
+
+    def __init__(self, dispatcher: jsonrpc.Dispatcher, limits: Limits | None,
+                 stomp: Endpoint | None) -> None:
         self._dispatcher = dispatcher
         self._limits = limits or Limits()
+        self._stomp = stomp
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.Task[None]] = set()
+        self._refusing: set[asyncio.Task[None]] = set()
 
     @property
     def clients(self) -> int:
@@ -210,28 +267,80 @@ class _Listener:
 
     def _admit(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str,
                denied: str | None = None) -> None:
-        """Serve a new client, or refuse it with one error line (`denied`: why not)."""
+        """Serve a new client, or refuse it with one error (`denied`: why not)."""
         if self._server is None:
             refuse(writer, peer, errors.GeneralError("Server is shutting down"))
             return
+        error = None
         if denied is not None:
-            refuse(writer, peer, errors.GeneralError(f"Permission denied: {denied}"))
-            return
-        if len(self._clients) >= self._limits.max_clients:
-            refuse(writer, peer, errors.GeneralError(
-                f"Too many clients (limit {self._limits.max_clients})"
-            ))
-            return
-        connection = Connection(reader, writer, self._dispatcher, self._limits, peer)
-        task = asyncio.create_task(self._serve(connection), name=f"rpc-client {peer}")
-        self._clients.add(task)
-        task.add_done_callback(self._clients.discard)
+            error = errors.GeneralError(f"Permission denied: {denied}")
+        elif len(self._clients) >= self._limits.max_clients:
+            error = errors.GeneralError(f"Too many clients (limit {self._limits.max_clients})")
+        if error is None:
+            self._track(self._clients, self._serve(reader, writer, peer), peer)
+        elif self._stomp is None:
+            refuse(writer, peer, error)
+        elif len(self._refusing) < self._limits.max_clients:
+            self._track(self._refusing, self._refuse(reader, writer, peer, error), peer)
+        else:  # a flood of refused clients: no reply, no task
+            log.warning("REFUSE peer=%s reason=%s (no reply)", peer, error.message)
+            writer.transport.abort()
 
-    async def _serve(self, connection: Connection) -> None:
+    @staticmethod
+    def _track(tasks: set[asyncio.Task[None]], work: Coroutine[Any, Any, None],
+               peer: str) -> None:
+        task = asyncio.create_task(work, name=f"rpc-client {peer}")
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     peer: str) -> None:
         try:
-            await connection.serve()
+            connection = await self._open(reader, writer, peer)
+            if connection is not None:
+                await connection.serve()
         except Exception:
-            log.exception("connection failed peer=%s", connection.peer)
+            log.exception("connection failed peer=%s", peer)
+        finally:
+            writer.transport.abort()
+
+    async def _open(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    peer: str) -> Connection | None:
+        """The connection that speaks the client's protocol; None if it left or said nothing
+        for idle_timeout."""
+        if self._stomp is None:
+            return Connection(reader, writer, self._dispatcher, self._limits, peer)
+        try:
+            async with asyncio.timeout(self._limits.idle_timeout):
+                stomp, head = await sniff(reader)
+        except TimeoutError:
+            log.info("DROP peer=%s reason=idle for %ss", peer, self._limits.idle_timeout)
+            return None
+        except OSError as exc:
+            log.info("DROP peer=%s reason=read failed: %s", peer, exc)
+            return None
+        if stomp:
+            return self._stomp.connection(reader, writer, self._dispatcher, self._limits, peer,
+                                          head)
+        if not head:
+            return None
+        return Connection(reader, writer, self._dispatcher, self._limits, peer, head)
+
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      peer: str, error: errors.Error) -> None:
+        """Refuse in the client's protocol, as far as it shows it in REFUSE_WAIT."""
+        stomp = False
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.REFUSE_WAIT):
+                    stomp, _ = await sniff(reader)
+            refuse(writer, peer, error, stomp)
+            async with asyncio.timeout(self._limits.close_timeout):
+                await writer.wait_closed()
+        except (OSError, TimeoutError):
+            pass
+        finally:
+            writer.transport.abort()
 
     async def _stop(self) -> None:
         """Stop listening, drop every client and wait for their tasks."""
@@ -239,9 +348,10 @@ class _Listener:
             return
         server, self._server = self._server, None
         server.close()
-        for task in self._clients:
+        tasks = self._clients | self._refusing
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._clients, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await server.wait_closed()
 
 
@@ -257,8 +367,9 @@ class UnixServer(_Listener):
         group: str | None = None,
         mode: int = 0o660,
         limits: Limits | None = None,
+        stomp: Endpoint | None = None,
     ) -> None:
-        super().__init__(dispatcher, limits)
+        super().__init__(dispatcher, limits, stomp)
         self._path = path
         self._group = group
         self._mode = mode
@@ -372,7 +483,7 @@ def tls_context(cert: str, key: str, ca: str) -> ssl.SSLContext:
 
 class TlsServer(_Listener):
     """The remote listener: TCP with TLS and required client certificates. Every client is
-    served by a `Connection`, exactly like a client of the unix socket."""
+    served exactly like a client of the unix socket."""
 
     def __init__(
         self,
@@ -382,8 +493,9 @@ class TlsServer(_Listener):
         *,
         limits: Limits | None = None,
         handshake_timeout: float = 10.0,
+        stomp: Endpoint | None = None,
     ) -> None:
-        super().__init__(dispatcher, limits)
+        super().__init__(dispatcher, limits, stomp)
         host, _, port = listen.rpartition(":")
         self._host, self._port = host.strip("[]"), int(port)
         self._context = context
