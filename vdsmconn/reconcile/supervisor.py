@@ -9,23 +9,48 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
 
 from vdsmconn import errors
+from vdsmconn.clock import Clock
+from vdsmconn.config import Config
 from vdsmconn.connectors.base import Connected, Connector
 from vdsmconn.host.command import StuckCommand
 from vdsmconn.model import ConnectionKey, ConnectionSpec, MountSpec, State
 from vdsmconn.reconcile.backoff import Backoff
-from vdsmconn.state.actual import ErrorInfo, KeyStatus
-
-if TYPE_CHECKING:
-    from vdsmconn.reconcile.reconciler import Reconciler
+from vdsmconn.reconcile.limits import Limits
+from vdsmconn.state.actual import ActualState, ErrorInfo, KeyStatus
+from vdsmconn.state.desired import DesiredState
 
 log = logging.getLogger(__name__)
 
 
+class Owner(Protocol):
+    """What a supervisor needs of the reconciler that owns it."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def desired(self) -> DesiredState: ...
+    @property
+    def actual(self) -> ActualState: ...
+    @property
+    def connectors(self) -> Mapping[str, Connector[Any]]: ...
+    @property
+    def clock(self) -> Clock: ...
+    @property
+    def limits(self) -> Limits: ...
+    @property
+    def on_torn_down(self) -> Callable[[ConnectionKey], Awaitable[None]] | None: ...
+
+    async def refresh_mounts(self, notify: bool = True) -> bool: ...
+
+    def forget(self, sup: Supervisor) -> None: ...
+
+
 class Supervisor:
-    def __init__(self, key: ConnectionKey, rec: Reconciler, adopt: bool) -> None:
+    def __init__(self, key: ConnectionKey, rec: Owner, adopt: bool) -> None:
         self.key = key
         self.rec = rec
         self.adopt = adopt
