@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from tests.daemon import Daemon
 from tests.sdtree import write_domain
+from vdsmconn.host.kernel import Kernel
 
 pytestmark = pytest.mark.root
 
@@ -58,6 +60,18 @@ def test_tour(daemon: Daemon, tmp_path: Path) -> None:
     assert missing.returncode == 1 and "479" in missing.stderr
     info = json.loads(cli(daemon, "--json", "info").stdout)
     assert info["backends"]["posixfs"]["available"] is True
+    # A backend whose tools are here but whose kernel part is not is not available.
+    kernel = Kernel()
+    iscsi = info["backends"]["iscsi"]
+    if os.path.exists("/sys/class/iscsi_transport/tcp") or kernel.has_module("iscsi_tcp"):
+        assert iscsi["available"] is True
+    else:
+        assert iscsi == {"available": False, "reason": kernel.missing_module(
+            "iscsi_tcp", "iSCSI initiator transport")}
+    nfs = info["backends"]["nfs"]
+    assert nfs["available"] is kernel.has_filesystem("nfs"), nfs
+    if not nfs["available"]:
+        assert nfs["reason"].startswith("no NFS client in this kernel")
 
 
 def test_unavailable_backend_is_reported_not_crashed(tmp_path: Path) -> None:

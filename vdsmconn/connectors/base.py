@@ -11,6 +11,7 @@ from typing import Any, Generic, TypeVar
 from vdsmconn import errors
 from vdsmconn.config import Config
 from vdsmconn.host.command import CommandRunner
+from vdsmconn.host.kernel import Kernel
 from vdsmconn.host.mountinfo import Mount
 from vdsmconn.host.probe import Probes
 from vdsmconn.model import ConnectionSpec
@@ -29,6 +30,7 @@ class HostContext:
     mounts: Callable[[], Mapping[str, Mount]]  # mount point -> mount, as last read
     store: Store | None = None  # managed volumes keep their attachment records here
     probes: Probes = field(default_factory=Probes)
+    kernel: Kernel = field(default_factory=Kernel)  # what the running kernel can do
 
 
 @dataclass(frozen=True)

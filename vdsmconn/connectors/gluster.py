@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import time
 
@@ -38,6 +39,11 @@ def split_connection(connection: str) -> tuple[str, str]:
 class GlusterConnector(HelperMountConnector):
     fstype = "glusterfs"
     package = "glusterfs-client"
+
+    def kernel_missing(self) -> str | None:
+        if not os.path.exists("/dev/fuse"):
+            return "no FUSE on this host (/dev/fuse is missing)"
+        return self.host.kernel.missing_filesystem("fuse", "FUSE")
 
     @property
     def _cli_timeout(self) -> float:

@@ -81,7 +81,9 @@ class IscsiConnector(Connector[IscsiSpec]):
         if not os.path.exists(os.path.join(self.sysfs, "class", "iscsi_transport")) and \
                 not _which(self.host.config.iscsi.iscsiadm_command):
             return "iscsiadm is not installed (open-iscsi)"
-        return None
+        if os.path.exists(os.path.join(self.sysfs, "class", "iscsi_transport", "tcp")):
+            return None
+        return self.host.kernel.missing_module("iscsi_tcp", "iSCSI initiator transport")
 
     # --- helpers -----------------------------------------------------------------------
 

@@ -323,7 +323,11 @@ class HelperMountConnector(MountConnector):
         helper = f"mount.{self.fstype}"
         if not any(os.path.exists(f"{d}/{helper}") for d in ("/sbin", "/usr/sbin")):
             return f"{helper} not found (install {self.package})"
-        return super().available()
+        return self.kernel_missing() or super().available()
+
+    def kernel_missing(self) -> str | None:
+        """Why the running kernel cannot mount this type, if it cannot."""
+        return None
 
 
 def foreign_mounts(

@@ -84,6 +84,9 @@ class NfsConnector(HelperMountConnector):
     fstype = "nfs"
     package = "nfs-common"
 
+    def kernel_missing(self) -> str | None:
+        return self.host.kernel.missing_filesystem("nfs", "NFS client")
+
     def is_mount_of(self, m: mountinfo.Mount, spec: MountSpec) -> bool:
         return is_mount_of(m, spec)
 
