@@ -165,7 +165,7 @@ class StompConnection(server.Connection):
         while True:
             if self._expect_every:
                 limit: float | None = self._expect_every * HEARTBEAT_GRACE
-            elif self._connected and self._send_every:
+            elif self._connected and self._send_every and not self._parser.buffered:
                 limit = None  # the peer reads our heart-beats: a dead one fails our writes
             else:
                 limit = self._limits.idle_timeout
