@@ -123,6 +123,38 @@ def test_a_failed_connection_reports_its_code_and_stays_managed(tmp_path: Path) 
         daemon.wait_nothing_listed()
 
 
+def slow_umount(tmp_path: Path) -> tuple[str, Path]:
+    """An umount that takes a second, and fails (busy) while the returned flag file exists."""
+    flag = tmp_path / "umount-fails"
+    script = tmp_path / "umount-stand-in"
+    script.write_text(f"#!/bin/sh\nsleep 1\nif [ -e {flag} ]; then\n"
+                      "  echo 'umount: target is busy.' >&2; exit 32\nfi\n"
+                      'exec umount "$@"\n')
+    script.chmod(0o755)
+    return str(script), flag
+
+
+def test_disconnect_waits_for_the_teardown_and_reports_its_failure(tmp_path: Path) -> None:
+    umount, flag = slow_umount(tmp_path)
+    with running(tmp_path, umount_command=umount) as daemon:
+        conn = engine_posix("vc-vd-slow")
+        path = f"{daemon.mount_root}/vc-vd-slow"
+        assert connect(daemon, POSIXFS, conn) == [{"id": conn["id"], "status": 0}]
+        assert disconnect(daemon, POSIXFS, conn) == [{"id": conn["id"], "status": 0}]
+        assert mounted(path) is None  # unmounted (a second's work) before the reply
+
+        assert connect(daemon, POSIXFS, conn) == [{"id": conn["id"], "status": 0}]
+        flag.touch()
+        assert disconnect(daemon, POSIXFS, conn) == [{"id": conn["id"], "status": 477}]
+        assert mounted(path) is not None
+        (leaving,) = listed(daemon).values()  # unmanaged, its teardown retried
+        assert leaving["managed"] is False and leaving["state"] == "disconnecting"
+        assert leaving["lastError"]["code"] == 477
+        flag.unlink()
+        daemon.wait_gone(path)
+        daemon.wait_nothing_listed()
+
+
 def test_invalid_dicts_empty_lists_and_unknown_ids(daemon: Daemon) -> None:
     good = engine_posix("vc-vd-inv")
     unknown_key = {**engine_posix("vc-vd-other"), "bogus": 1}
