@@ -418,3 +418,73 @@ def test_configured_destinations_are_used(tmp_path: Path) -> None:
 def test_bad_stomp_settings_stop_start_up(text: str, named: str) -> None:
     with pytest.raises(config.ConfigError, match=re.escape(named)):
         config.check_complete(config.load_text(text, "test.yaml"))
+
+
+# --- limits --------------------------------------------------------------------------------
+
+
+def test_idle_rules_spare_a_peer_that_reads_our_heartbeats(tmp_path: Path) -> None:
+    d = Daemon(tmp_path)
+    d.settings["rpc"]["idle_timeout"] = 1.0
+    try:
+        d.start()
+        quiet, engine = unix(d), unix(d)
+        with quiet.sock, engine.sock:
+            quiet.send(b"CONNECT\naccept-version:1.2\n\n\0")
+            engine.send(ENGINE_CONNECT.replace(b"0,15000", b"0,1000"))
+            assert quiet.frame() is not None and engine.frame() is not None
+            assert quiet.closed()  # no heart-beats either way: idle_timeout applies
+            time.sleep(3)  # three idle timeouts: the engine's connection stays
+            engine.send(send_frame(b'{"jsonrpc":"2.0","id":5,"method":"getHostInfo"}'))
+            reply = engine.frame()
+            assert reply is not None and json.loads(reply[2])["id"] == 5
+        assert "reason=idle" in d.log()
+    finally:
+        d.cleanup()
+
+
+def test_a_client_over_the_cap_is_refused_in_its_protocol(tmp_path: Path) -> None:
+    d = Daemon(tmp_path)
+    d.settings["rpc"]["max_clients"] = 1
+    try:
+        d.start()
+        first = unix(d)
+        with first.sock:
+            first.send(b"CONNECT\naccept-version:1.2\n\n\0")
+            assert first.frame() is not None
+            refused = unix(d)
+            with refused.sock:
+                refused.send(b"CONNECT\naccept-version:1.2\n\n\0")
+                error = refused.frame()
+                assert error is not None and error[0] == "ERROR"
+                assert "Too many clients (limit 1)" in error[1]["message"]
+                assert refused.closed()
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as plain:
+                plain.settimeout(DEADLINE)
+                plain.connect(d.socket)
+                plain.sendall(b'{"jsonrpc":"2.0","id":1,"method":"getHostInfo"}\n')
+                line = plain.makefile("rb").readline()
+                assert "Too many clients" in json.loads(line)["error"]["message"]
+    finally:
+        d.cleanup()
+
+
+def test_jsonrpc_subscribe_over_stomp_delivers_to_the_event_destination(
+    daemon: Daemon, tmp_path: Path,
+) -> None:
+    raw = unix(daemon)
+    with raw.sock:
+        raw.send(ENGINE_CONNECT + send_frame(
+            b'{"jsonrpc":"2.0","id":1,"method":"subscribe",'
+            b'"params":{"events":["storageServerStateChanged"]}}'))
+        assert [f[0] if f else None for f in (raw.frame(), raw.frame())] == [
+            "CONNECTED", "MESSAGE"]
+        key = daemon.call("manageStorageServer", connectionID="L1",
+                          connection=f"localfs://{tmp_path}")["key"]
+        methods: set[str] = set()
+        while "storageServerStateChanged" not in methods or len(methods) < 2:
+            frame = raw.frame()
+            assert frame is not None and frame[1]["subscription"] == "e-1"
+            methods.add(json.loads(frame[2])["method"])
+        assert methods == {"storageServerStateChanged", f"|storage|connection_state|{key}"}
+    daemon.call("unmanageStorageServer", connectionID="L1")
