@@ -75,6 +75,9 @@ def _escape(text: str) -> str:
 
 
 def _unescape(raw: bytes) -> str:
+    if b"\\" not in raw:
+        return _decode_raw(raw)
+
     def one(m: re.Match[bytes]) -> bytes:
         try:
             return _DECODE[m.group(0)]
@@ -112,7 +115,7 @@ class Parser:
         self._max_header_bytes = max_header_bytes
         self._buf = bytearray()
         self._scanned = 0  # bytes of _buf already searched for the end of the current part
-        self._head: Frame | None = None  # command and headers of the frame being read
+        self._head: tuple[str, dict[str, str]] | None = None  # of the frame being read
         self._head_size = 0
         self._length: int | None = None  # content-length of the frame being read
 
@@ -128,6 +131,8 @@ class Parser:
             while True:
                 if self._head is None:
                     pos = self._skip_eols(pos)
+                    if pos == len(self._buf):
+                        break
                     end = self._read_head(pos)
                     if end < 0:
                         break
@@ -195,7 +200,7 @@ class Parser:
                 key, text = _unescape(name), _unescape(value)
             headers.setdefault(key, text)  # repeated: the first one counts (spec)
         self._length = _content_length(headers)
-        self._head = Frame(command, headers)
+        self._head = command, headers
         self._head_size = end + sep - pos
         self._scanned = end + sep
         return end + sep
@@ -204,7 +209,8 @@ class Parser:
         assert self._head is not None
         buf = self._buf
         room = self._max_frame - self._head_size
-        receipt = self._head.headers.get("receipt")
+        command, headers = self._head
+        receipt = headers.get("receipt")
         if self._length is not None:
             if self._length > room:
                 raise FrameError(f"frame over {self._max_frame} bytes", receipt)
@@ -223,7 +229,7 @@ class Parser:
                 return None, pos
             if end - pos > room:
                 raise FrameError(f"frame over {self._max_frame} bytes", receipt)
-        frame = Frame(self._head.command, self._head.headers, bytes(buf[pos:end]))
+        frame = Frame(command, headers, bytes(buf[pos:end]))
         self._head, self._length = None, None
         self._scanned = end + 1
         return frame, end + 1
