@@ -55,6 +55,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "adopt_1000_s": ("<=", 5.0),
     "remounts_on_restart": ("<=", 0.0),
     "isolation_ratio": ("<=", 1.5),
+    "stomp_rtt_ratio": ("<=", 1.5),
 }
 
 # The figures each phase measures (--phases picks phases; all by default).
@@ -65,6 +66,7 @@ PHASES: dict[str, tuple[str, ...]] = {
     "list": ("list_ratio", "rss_10k_mb", "adopt_1000_s", "remounts_on_restart"),
     "hung": ("hung_p99_ratio",),
     "isolation": ("isolation_ratio",),
+    "stomp": ("stomp_rtt_ratio",),
 }
 
 
@@ -530,6 +532,108 @@ def phase_rtt(base: Path, daemon: Daemon, n: int, rounds: int = 10) -> dict[str,
             daemon_times += rtt(d, n // rounds)
             echo_times += rtt(e, n // rounds)
     return {"daemon_rtt": median(daemon_times), "echo_rtt": median(echo_times)}
+
+
+class TlsRoundTrips:
+    """getHostInfo round trips over one mutual-TLS connection to the daemon, in newline
+    JSON-RPC or in STOMP 1.2 (CONNECT, SUBSCRIBE, then SEND -> MESSAGE). Each reply is read
+    to its end and parsed, as a client would."""
+
+    def __init__(self, port: int, context: Any, stomp: bool) -> None:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=CALL_TIMEOUT)
+        self.sock = context.wrap_socket(raw, server_hostname="127.0.0.1")
+        self.stomp = stomp
+        self.buf = b""
+        self.next_id = 1
+        if stomp:
+            self.sock.sendall(b"CONNECT\naccept-version:1.2\nhost:bench\n\n\0"
+                              b"SUBSCRIBE\nid:r\ndestination:bench.replies\nack:auto\n\n\0")
+            assert self._frame().startswith(b"CONNECTED")
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(1 << 16)
+        if not chunk:
+            raise RpcError("connection closed")
+        self.buf += chunk
+
+    def _frame(self) -> bytes:
+        """The next STOMP frame, its body read by content-length."""
+        self.buf = self.buf.lstrip(b"\n")
+        while (end := self.buf.find(b"\n\n")) < 0:
+            self._fill()
+        length = 0
+        for line in self.buf[:end].split(b"\n"):
+            if line.startswith(b"content-length:"):
+                length = int(line[15:])
+        total = end + 2 + length + 1
+        while len(self.buf) < total:
+            self._fill()
+        frame, self.buf = self.buf[:total - 1], self.buf[total:]
+        return frame
+
+    def _line(self) -> bytes:
+        while (end := self.buf.find(b"\n")) < 0:
+            self._fill()
+        line, self.buf = self.buf[:end], self.buf[end + 1:]
+        return line
+
+    def times(self, n: int) -> list[float]:
+        times = []
+        for _ in range(n):
+            rid, self.next_id = self.next_id, self.next_id + 1
+            body = json.dumps({"jsonrpc": "2.0", "id": rid, "method": "getHostInfo"}).encode()
+            t0 = time.perf_counter()
+            if self.stomp:
+                self.sock.sendall(b"SEND\ndestination:jms.topic.vdsm_requests\n"
+                                  b"reply-to:bench.replies\ncontent-length:%d\n\n" % len(body)
+                                  + body + b"\0")
+                frame = self._frame()
+                reply = json.loads(frame[frame.index(b"\n\n") + 2:])
+            else:
+                self.sock.sendall(body + b"\n")
+                reply = json.loads(self._line())
+            times.append(time.perf_counter() - t0)
+            assert reply["id"] == rid and "result" in reply, reply
+        return times
+
+
+def phase_stomp(base: Path, n: int, rounds: int = 10) -> dict[str, float]:
+    """One daemon with a TLS listener; getHostInfo over STOMP and over newline JSON-RPC on
+    two connections, measured in alternating rounds."""
+    sys.path.insert(0, str(REPO))
+    from tests.tlscerts import make_pki  # the test suite's certificates (openssl CLI)
+
+    (base / "stomp" / "pki").mkdir(parents=True)
+    (base / "stomp" / "mnt").mkdir(parents=True)
+    pki = make_pki(base / "stomp" / "pki")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    daemon = Daemon(base / "stomp", "stomp")
+    rpc = daemon.settings["rpc"]
+    assert isinstance(rpc, dict)
+    rpc["tcp"] = pki.tcp_settings(port)
+    daemon.start()
+    stomp_times: list[float] = []
+    json_times: list[float] = []
+    try:
+        context = pki.client_context("engine")
+        stomp, plain = TlsRoundTrips(port, context, True), TlsRoundTrips(port, context, False)
+        try:
+            stomp.times(200)
+            plain.times(200)
+            for _ in range(rounds):
+                stomp_times += stomp.times(n // rounds)
+                json_times += plain.times(n // rounds)
+        finally:
+            stomp.close()
+            plain.close()
+    finally:
+        daemon.stop()
+    return {"stomp_rtt": median(stomp_times), "jsonrpc_rtt": median(json_times)}
 
 
 def phase_connect(daemon: Daemon, n: int) -> dict[str, float]:
@@ -1097,6 +1201,14 @@ def run(args: argparse.Namespace, base: Path, daemons: list[Daemon]) -> None:
 
     if "isolation" in phases:
         run_isolation(args, base, daemons, result, rows)
+
+    if "stomp" in phases:
+        progress("STOMP round trip over TLS")
+        st = phase_stomp(base, args.rtt)
+        result["stomp_rtt_ratio"] = st["stomp_rtt"] / st["jsonrpc_rtt"]
+        rows.append(("stomp_rtt_ratio", f"getHostInfo over STOMP/TLS {st['stomp_rtt'] * 1e6:.0f}"
+                     f" us vs newline JSON-RPC/TLS {st['jsonrpc_rtt'] * 1e6:.0f} us (medians of"
+                     f" {args.rtt} each, alternating, one daemon)"))
 
     ordered = {k: float(round(result[k], 4)) for k in TARGETS if k in result}
     print()
