@@ -43,6 +43,9 @@ PACKAGES = (
     "open-iscsi", "targetcli-fb", "multipath-tools", "glusterfs-server", "glusterfs-client",
     "python3", "python3-yaml", "python3-pytest", "python3-pytest-asyncio", "util-linux",
     "e2fsprogs", "xfsprogs", "procps", "lvm2",
+    # What the vdsmconn .deb depends on beyond the above, so tests/guest/test_guest_package.py
+    # installs it with apt from this image alone (the guest has no network).
+    "fuse3", "libiscsi-bin", "python3-prometheus-client", "python3-pyudev", "python3-os-brick",
 )  # fmt: skip
 
 # Modules the initrd loads (with their dependencies) before it can mount the root disk.
