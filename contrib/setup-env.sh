@@ -3,7 +3,13 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-APT_PACKAGES="python3 python3-venv util-linux mount xfsprogs e2fsprogs"
+# What the backends run on the host, so `vdsmconn info` shows each one available unless the
+# kernel lacks its part: NFS (nfs-common: mount.nfs), GlusterFS (glusterfs-client over FUSE),
+# iSCSI (open-iscsi's iscsiadm; libiscsi-bin's iscsi-inq for testStorageServer), multipath
+# and LVM (block devices and block storage domains). The Debian package depends on the same.
+BACKEND_APT_PACKAGES="nfs-common glusterfs-client fuse3 open-iscsi libiscsi-bin
+    multipath-tools lvm2"
+APT_PACKAGES="python3 python3-venv util-linux mount xfsprogs e2fsprogs $BACKEND_APT_PACKAGES"
 
 missing=""
 for p in $APT_PACKAGES ${EXTRA_APT_PACKAGES:-}; do
@@ -18,4 +24,6 @@ fi
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
+# One install gives the whole daemon (os-brick and pyudev included); PIP_EXTRAS adds the
+# test tools.
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${PIP_EXTRAS:-}"
