@@ -187,7 +187,8 @@ def setup_logging(level: str) -> None:
     )
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of vdsmconnd (also the source of its man page, vdsmconn.manpage)."""
     parser = argparse.ArgumentParser(prog="vdsmconnd", description="vdsmconn daemon")
     parser.add_argument("-c", "--config", help="configuration file (instead of /etc/vdsmconn)")
     parser.add_argument("--local", metavar="DIR",
@@ -195,7 +196,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--show-config", action="store_true",
                         help="print the effective configuration and exit")
     parser.add_argument("--version", action="version", version=__version__)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
