@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from vdsmconn import __version__
-from vdsmconn.rpc import jsonrpc, server, stompframe
+from vdsmconn.rpc import jsonrpc, stompframe
+from vdsmconn.rpc.connection import Connection, Limits
 from vdsmconn.rpc.stompframe import Frame, FrameError
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class Endpoint:
         self._unsubscribe = changes(self.publish) if changes is not None else None
 
     def connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                   dispatcher: jsonrpc.Dispatcher, limits: server.Limits, peer: str,
+                   dispatcher: jsonrpc.Dispatcher, limits: Limits, peer: str,
                    head: bytes) -> StompConnection:
         return StompConnection(reader, writer, dispatcher, limits, peer, head, self)
 
@@ -91,7 +92,7 @@ class Endpoint:
             self._unsubscribe = None
 
 
-class StompConnection(server.Connection):
+class StompConnection(Connection):
     """One STOMP client. Requests run concurrently as on the other transports; frames and
     heart-beats go out through the same bounded queue. Implements `jsonrpc.Session`: a
     notification (of the JSON-RPC `subscribe` verb) goes to the event destination."""
@@ -100,7 +101,7 @@ class StompConnection(server.Connection):
     _EOL = b""  # queued data are whole frames
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 dispatcher: jsonrpc.Dispatcher, limits: server.Limits, peer: str,
+                 dispatcher: jsonrpc.Dispatcher, limits: Limits, peer: str,
                  head: bytes, endpoint: Endpoint) -> None:
         super().__init__(reader, writer, dispatcher, limits, peer, head)
         self._endpoint = endpoint

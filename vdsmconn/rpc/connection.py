@@ -1,0 +1,204 @@
+"""One client of a listener: framing, limits, concurrent requests, one bounded outgoing
+queue. `Connection` speaks newline JSON-RPC; stomp.StompConnection builds on it. Listeners
+(server.py) admit clients and hand each to one of these."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from vdsmconn import errors
+from vdsmconn.rpc import jsonrpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-listener limits, shared by every transport."""
+
+    max_message: int = 1 << 20  # bytes in one line, newline excluded
+    idle_timeout: float = 300.0  # seconds without input (and no request running) -> dropped
+    max_clients: int = 64
+    max_queue: int = 256  # outgoing messages waiting for a slow reader -> dropped beyond
+    max_pending: int = 64  # requests running per client; reading pauses beyond
+    close_timeout: float = 5.0  # seconds to flush the last replies when closing
+    max_headers: int = 64  # STOMP: header lines in one frame (its size is max_message)
+    max_header_bytes: int = 16384  # STOMP: command and header lines of one frame
+
+
+class Connection:
+    """One client. Requests run concurrently; replies and notifications are written one at a
+    time from a bounded queue, so a client that does not read is dropped, never waited for.
+    Implements `jsonrpc.Session`. Newline JSON-RPC here; stomp.StompConnection reads frames
+    instead (`_read_loop`) and writes heart-beats (`_heartbeat`)."""
+
+    protocol = "jsonrpc"
+    _EOL = b"\n"  # written after each queued message
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        dispatcher: jsonrpc.Dispatcher,
+        limits: Limits,
+        peer: str,
+        head: bytes = b"",
+    ) -> None:
+        self._head = head  # bytes read before this object took over (protocol detection)
+        self._reader = reader
+        self._writer = writer
+        self._dispatcher = dispatcher
+        self._limits = limits
+        self._peer = peer
+        # Unbounded so the end marker always fits; _send enforces limits.max_queue.
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._pending: set[asyncio.Task[None]] = set()
+        self._stop = asyncio.Event()
+        self._flush = False
+        self._reason = "closed"
+        self._tg: asyncio.TaskGroup | None = None
+
+    @property
+    def peer(self) -> str:
+        return self._peer
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection is closing; notifications are then discarded."""
+        return self._stop.is_set()
+
+    def notify(self, method: str, params: dict[str, Any]) -> None:
+        self._send(jsonrpc.encode_notification(method, params))
+
+    async def serve(self) -> None:
+        """Serve until end of input, a limit or a write error; cancel to drop the client."""
+        log.info("CONNECT peer=%s protocol=%s", self._peer, self.protocol)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                reading = tg.create_task(self._read_loop())
+                writing = tg.create_task(self._write_loop())
+                await self._stop.wait()
+                reading.cancel()
+                for task in self._pending:
+                    task.cancel()
+                if self._flush:
+                    self._queue.put_nowait(None)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self._limits.close_timeout):
+                            await writing
+                writing.cancel()
+        finally:
+            self._close("server closing", flush=False)
+            self._writer.transport.abort()
+            log.info("DISCONNECT peer=%s reason=%s", self._peer, self._reason)
+
+    def _close(self, reason: str, *, flush: bool) -> None:
+        """Stop reading and running requests; with flush, write what is queued first."""
+        if self._stop.is_set():
+            return
+        self._reason = reason
+        self._flush = flush
+        self._stop.set()
+
+    def _send(self, data: bytes) -> None:
+        if self._stop.is_set():
+            return
+        if self._queue.qsize() >= self._limits.max_queue:
+            log.warning(
+                "DROP peer=%s reason=outgoing queue overflow (%d messages not read)",
+                self._peer, self._queue.qsize(),
+            )
+            self._close("outgoing queue overflow", flush=False)
+            return
+        self._queue.put_nowait(data)
+
+    async def _read_loop(self) -> None:
+        assert self._tg is not None
+        while True:
+            if len(self._pending) >= self._limits.max_pending:
+                await asyncio.wait(self._pending, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            try:
+                line = await self._readline()
+            except ValueError:  # readline's form of LimitOverrunError; the buffer is dropped
+                log.warning(
+                    "DROP peer=%s reason=message over %d bytes",
+                    self._peer, self._limits.max_message,
+                )
+                self._send(jsonrpc.encode_error(errors.InvalidRequest(
+                    f"Request too large (limit {self._limits.max_message} bytes)"
+                )))
+                self._close("message too large", flush=True)
+                return
+            except OSError as exc:
+                self._close(f"read failed: {exc}", flush=False)
+                return
+            if line is None:
+                log.info("DROP peer=%s reason=idle for %ss", self._peer,
+                         self._limits.idle_timeout)
+                self._close("idle", flush=True)
+                return
+            if not line:  # end of input: finish what was asked, then close
+                if self._pending:
+                    await asyncio.wait(self._pending)
+                self._close("end of input", flush=True)
+                return
+            if line.strip():
+                self._spawn(self._request(line))
+
+    def _spawn(self, request: Coroutine[Any, Any, None]) -> None:
+        """Run one request of this client; reading pauses while max_pending run."""
+        assert self._tg is not None
+        task = self._tg.create_task(request)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _readline(self) -> bytes | None:
+        """The next line (b"" at end of input), or None after idle_timeout without input
+        while no request of this client is running."""
+        if self._head:
+            first, eol, self._head = self._head.partition(b"\n")
+            if eol:
+                return first + eol
+            rest = await self._readline()
+            return None if rest is None else first + rest
+        while True:
+            try:
+                async with asyncio.timeout(self._limits.idle_timeout):
+                    return await self._reader.readline()
+            except TimeoutError:
+                if not self._pending:
+                    return None
+
+    async def _request(self, line: bytes) -> None:
+        reply = await self._dispatcher.handle(line, self)
+        if reply is not None:
+            self._send(reply)
+
+    def _heartbeat(self) -> float | None:
+        """Seconds without output after which a heart-beat (an EOL) is written; None: never."""
+        return None
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(self._heartbeat()):
+                        data = await self._queue.get()
+                except TimeoutError:
+                    self._writer.write(b"\n")
+                else:
+                    if data is None:
+                        break
+                    self._writer.write(data + self._EOL)
+                await self._writer.drain()
+            self._writer.close()
+            await self._writer.wait_closed()
+        except OSError as exc:
+            self._close(f"write failed: {exc}", flush=False)
