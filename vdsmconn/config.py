@@ -170,6 +170,106 @@ _CHECKS: dict[str, tuple[Any, str]] = {
 }
 
 
+# What each key (and each group of keys) is for: the text of vdsmconn.yaml(5), which
+# vdsmconn.manpage writes from this table, the defaults and _CHECKS. Every key has an entry
+# (tests/unit/test_manpages.py): a new key needs its line here.
+DESCRIPTIONS: dict[str, str] = {
+    "state_dir": "Directory of the SQLite database of managed connections (the desired "
+                 "state; every change is synced before it is acknowledged).",
+    "run_dir": "Runtime directory: the socket by default, and the links of managed volumes.",
+    "mount_root": "Where mounts and localfs links are made, one directory per connection.",
+    "mount_command": "The mount(8) command.",
+    "umount_command": "The umount(8) command.",
+    "gluster_command": "The GlusterFS CLI, asked for a volume's backup servers.",
+    "lvm_command": "The lvm(8) command; vgs and lvs read block storage domains (read-only).",
+    "scope_slice": "systemd slice of the scopes that FUSE mount helpers run in, so they "
+                   "outlive a restart of the daemon.",
+    "rpc": "The JSON-RPC 2.0 and STOMP 1.2 listeners.",
+    "rpc.socket": "Path of the unix socket.",
+    "rpc.socket_group": "Group allowed to connect to the unix socket (mode 0660); null: "
+                        "root only.",
+    "rpc.tcp": "The engine's TLS listener with client certificates: all four keys or none.",
+    "rpc.tcp.listen": "HOST:PORT to listen on (e.g. 0.0.0.0:54323); null: no TCP listener.",
+    "rpc.tcp.cert": "This host's certificate (PEM), which the engine verifies.",
+    "rpc.tcp.key": "The private key of the certificate (PEM).",
+    "rpc.tcp.ca": "CA certificate (PEM) that client certificates must be signed by.",
+    "rpc.stomp": "STOMP 1.2 on both listeners, told from JSON-RPC by the first bytes.",
+    "rpc.stomp.request_destinations": "Destinations whose SEND frames carry JSON-RPC "
+                                      "requests.",
+    "rpc.stomp.event_destination": "Destination whose subscribers get state changes.",
+    "rpc.max_clients": "Clients connected at once, on all listeners.",
+    "rpc.idle_timeout": "Seconds without a message before a client is dropped.",
+    "rpc.max_message": "Bytes in one message (for STOMP: one frame).",
+    "metrics": "The Prometheus endpoint.",
+    "metrics.listen": "HOST:PORT of /metrics; null disables it.",
+    "supervisor": "How connections are kept up.",
+    "supervisor.backoff_initial": "Seconds before the first retry after a failure "
+                                  "(jitter is added).",
+    "supervisor.backoff_max": "Retries never wait longer than this many seconds.",
+    "supervisor.probe_interval": "Seconds between health probes of each connection.",
+    "supervisor.probe_timeout": "A probe that does not return within this many seconds "
+                                "makes its connection stuck.",
+    "supervisor.command_timeout": "Deadline in seconds of every external command "
+                                  "(mount, iscsiadm...).",
+    "supervisor.max_operations": "Connects, disconnects and recoveries running at once, "
+                                 "in all.",
+    "supervisor.max_operations_per_server": "The same on one remote server (or, for "
+                                            "connections with no server, of one type), so "
+                                            "one dead server cannot starve the others.",
+    "iscsi": "iSCSI sessions.",
+    "iscsi.parallel_logins": "iSCSI logins running at once.",
+    "iscsi.login_retries": "node.session.initial_login_retry_max of node records (the "
+                           "daemon retries by itself).",
+    "iscsi.login_timeout": "node.conn[0].timeo.login_timeout of node records, in seconds.",
+    "iscsi.iscsiadm_command": "The iscsiadm(8) command.",
+    "iscsi.inq_command": "iscsi-inq from libiscsi-bin: a userspace login for "
+                         "testStorageServer.",
+    "iscsi.sysfs_root": "Where iscsi_session and network devices are read.",
+    "managed": "Managed block volumes, attached through os-brick in a helper process.",
+    "managed.multipath": "Whether os-brick uses multipath; the same setting is kept with "
+                         "each attachment and used to detach it.",
+    "managed.helper_timeout": "Deadline in seconds of one os-brick helper call.",
+    "managed.helper_command": "Command line of the os-brick helper; null: this Python "
+                              "with -m vdsmconn.host.brick_helper.",
+    "managed.my_ip": "This host's address in getConnectorInfo; null: found out.",
+    "vdsm": "VDSM's verbs (StoragePool.connectStorageServer...): how long a call waits for "
+            "its connections. Keep both below the engine's command timeout (vdsTimeout, "
+            "180 s by default).",
+    "vdsm.connect_timeout": "Seconds to wait for connected or a failure; past it a "
+                            "connection's status is 480.",
+    "vdsm.disconnect_timeout": "Seconds to wait for the teardown of connections no other "
+                               "CID uses.",
+    "logging": "The log, written to standard error (the journal under systemd).",
+    "logging.level": "One of " + ", ".join(LOG_LEVELS) + "; debug logs every RPC call.",
+}
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """One configuration key as the man page shows it."""
+
+    name: str  # dotted: rpc.tcp.listen
+    type: str  # the field's annotation: "str | None"
+    default: Any  # None for a group
+    expected: str | None  # what _CHECKS asks for beyond the type
+    group: bool
+
+
+def key_infos(obj: Any = None, prefix: str = "") -> list[KeyInfo]:
+    """Every key and group of keys, in declaration order, with its default."""
+    obj = Config() if obj is None else obj
+    found: list[KeyInfo] = []
+    for f in dataclasses.fields(obj):
+        name, value = prefix + f.name, getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            found.append(KeyInfo(name, f.name, None, None, True))
+            found.extend(key_infos(value, name + "."))
+        else:
+            check = _CHECKS.get(name)
+            found.append(KeyInfo(name, str(f.type), value, check[1] if check else None, False))
+    return found
+
+
 def _is_hostport(value: str) -> bool:
     host, sep, port = value.rpartition(":")
     return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
