@@ -466,6 +466,17 @@ async def test_discovery_record_deleted_chap_masked_ipv6_dropped(
     assert runner.argvs[-1] == (*record, "-o", "delete")
 
 
+async def test_discovery_past_its_deadline_is_480_and_deletes_its_record() -> None:
+    runner = FakeRunner()
+    record = ["iscsiadm", "-m", "discoverydb", "-t", "sendtargets", "-p", "10.77.4.2:3260"]
+    runner.expect([*record, "--discover", "-o", "nonpersistent"], timeout=True)
+    runner.expect(record, prefix=True)
+    with pytest.raises(errors.Timeout) as caught:
+        await discover_send_targets(Iscsiadm(runner, 10), "10.77.4.2", 3260)
+    assert caught.value.code == 480 and "timed out" in caught.value.message
+    assert runner.argvs[-1] == (*record, "-o", "delete")
+
+
 def test_secret_masked_in_logged_argv() -> None:
     from vdsmconn.host.command import mask_argv
 

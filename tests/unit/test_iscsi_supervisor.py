@@ -114,6 +114,7 @@ async def test_disk_that_stops_answering_fails_the_key_until_it_answers(
         assert (st.last_error.code, st.last_error.message) == (
             481, "/dev/sdb does not answer: No such file or directory")
         assert not any("--logout" in argv for argv in runner.argvs)  # left logged in
+        assert st.paths is not None and [p["state"] for p in st.paths] == ["down"]
         disk_node(sysfs, "sdb")  # it answers again
         await clock.advance(st.next_retry - clock.time())
         await until(lambda: (st := rec.actual.get(spec.key)) is not None

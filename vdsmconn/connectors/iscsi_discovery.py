@@ -48,7 +48,7 @@ async def resolve_all(host: str, timeout: float) -> list[str]:
         infos = await probe.run(lambda: socket.getaddrinfo(host, None, type=socket.SOCK_STREAM),
                                 f"resolving {host}", timeout)
     except errors.Timeout as e:
-        raise errors.ConnectError(f"cannot resolve {host}: {e.message}") from None
+        raise errors.Timeout(f"cannot resolve {host}: {e.message}", e.data) from None
     except socket.gaierror as e:
         raise errors.ConnectError(f"cannot resolve {host}: {e.strerror}") from None
     found: list[str] = []

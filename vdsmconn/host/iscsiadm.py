@@ -85,14 +85,9 @@ class Iscsiadm:
 
     async def run(self, args: Sequence[Arg], what: str, ok: tuple[int, ...] = (0,),
                   timeout: float | None = None) -> Result:
-        """Run `iscsiadm ARGS`; rc in `ok` is success, any other raises (table above)."""
-        try:
-            result = await self.runner.run([self.command, *args],
-                                           timeout=timeout or self.timeout)
-        except errors.Timeout as e:
-            if what == DISCOVERY:
-                raise errors.IscsiDiscoveryError(e.message, e.data) from None
-            raise
+        """Run `iscsiadm ARGS`; rc in `ok` is success, any other raises (table above), and
+        past its deadline `errors.Timeout` (480), whatever the operation."""
+        result = await self.runner.run([self.command, *args], timeout=timeout or self.timeout)
         if result.rc not in ok:
             raise failure(result, what)
         return result

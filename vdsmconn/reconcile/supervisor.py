@@ -196,7 +196,10 @@ class Supervisor:
         except errors.Error as e:
             state = State.STUCK if isinstance(e, errors.MountHung) else State.FAILED
             log.warning("PROBE key=%s failed code=%s: %s", self.key, e.code, e.message)
-            self._set(state, last_error=self._error(e), last_check=self.rec.clock.time())
+            found = connector.present(spec)  # which paths the probe found down
+            paths = {"paths": found.paths} if found is not None and found.paths else {}
+            self._set(state, last_error=self._error(e), last_check=self.rec.clock.time(),
+                      **paths)
             await self._recover(spec)
             return
         self.recoveries.reset()
