@@ -248,7 +248,7 @@ class Inventory:
         try:
             found = await lvm.block_domains(self.runner, sorted(owners),
                                             self.config.supervisor.command_timeout,
-                                            self.config.lvm_command)
+                                            self.config.lvm_command, self.probes)
         except errors.Error as e:
             users = sorted({c for lun in luns for c in lun.cids})
             problems.append({"key": None, "connectionIDs": users, "error": _error(e, "lvm")})

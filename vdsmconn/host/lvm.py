@@ -19,8 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from vdsmconn import errors
-from vdsmconn.host import probe, sdmeta
+from vdsmconn.host import sdmeta
 from vdsmconn.host.command import CommandRunner, check_result, show, tail
+from vdsmconn.host.probe import Probes
 
 log = logging.getLogger(__name__)
 
@@ -169,10 +170,11 @@ def _buffered_read(path: str, offset: int, size: int) -> bytes:
 
 
 async def block_domains(runner: CommandRunner, devices: list[str], timeout: float,
-                        lvm: str = "lvm") -> list[BlockDomain]:
+                        lvm: str = "lvm", probes: Probes | None = None) -> list[BlockDomain]:
     """The block domains on `devices`, found within `timeout` seconds in all. Errors of
     `vgs` are raised (`errors.Timeout`, `errors.GeneralError`...); a domain whose metadata
-    cannot be read is still listed, with `metadata_error` set."""
+    cannot be read is still listed, with `metadata_error` set. Metadata reads go through
+    `probes` (one thread per device, however often it hangs)."""
     if not devices:
         return []
     loop = asyncio.get_running_loop()
@@ -190,7 +192,8 @@ async def block_domains(runner: CommandRunner, devices: list[str], timeout: floa
             found[vg.uuid] = (meta, None)
     need_lv = [vg for vg in vgs if vg.uuid not in found]
     if need_lv:
-        found.update(await _lv_metadata(runner, devices, need_lv, deadline, lvm))
+        found.update(await _lv_metadata(runner, devices, need_lv, deadline, lvm,
+                                        probes or Probes()))
     return sorted((_domain(vg, *found[vg.uuid]) for vg in vgs), key=lambda d: d.vg_name)
 
 
@@ -221,7 +224,8 @@ async def _report(runner: CommandRunner, argv: list[str], timeout: float,
 
 
 async def _lv_metadata(runner: CommandRunner, devices: list[str], vgs: list[Vg],
-                       deadline: float, lvm: str) -> dict[str, tuple[dict[str, str], str | None]]:
+                       deadline: float, lvm: str,
+                       probes: Probes) -> dict[str, tuple[dict[str, str], str | None]]:
     loop = asyncio.get_running_loop()
     try:
         argv = lvs_argv(devices, [vg.name for vg in vgs], lvm)
@@ -229,18 +233,20 @@ async def _lv_metadata(runner: CommandRunner, devices: list[str], vgs: list[Vg],
     except errors.Error as e:
         return {vg.uuid: ({}, e.message) for vg in vgs}
     async with asyncio.TaskGroup() as tg:
-        tasks = {vg.uuid: tg.create_task(_read_metadata(vg, segments, deadline)) for vg in vgs}
+        tasks = {vg.uuid: tg.create_task(_read_metadata(vg, segments, deadline, probes))
+                 for vg in vgs}
     return {uuid: task.result() for uuid, task in tasks.items()}
 
 
-async def _read_metadata(vg: Vg, segments: list[dict[str, str]],
-                         deadline: float) -> tuple[dict[str, str], str | None]:
+async def _read_metadata(vg: Vg, segments: list[dict[str, str]], deadline: float,
+                         probes: Probes) -> tuple[dict[str, str], str | None]:
     try:
         pv, offset = metadata_location(vg, segments)
         left = deadline - asyncio.get_running_loop().time()
         if left <= 0:
             raise errors.Timeout("no time left to read the metadata LV")
-        data = await probe.run(lambda: read_area(pv, offset), f"read {vg.name}/metadata", left)
+        data = await probes.run(pv, lambda: read_area(pv, offset), f"read {vg.name}/metadata",
+                                left)
         try:
             return sdmeta.parse_metadata_bytes(data), None
         except ValueError as e:
