@@ -118,7 +118,7 @@ def test_hang_goes_stuck_rpc_stays_fast_unhang_reconnects(fuse_daemon: Daemon,
         vcfuse.set_mode("serve")
         status = fuse_daemon.call("waitStorageServer", connectionIDs=["f"], timeout=30)["f"]
         assert status["state"] == "connected" and status["attempts"] == 0
-        assert failure(status)["code"] == 481
+        assert failure(status)["code"] in (477, 481)  # the hang, or a remount during it
         assert "ABORTED fuse connection" in fuse_daemon.log()
     finally:
         watcher.close()
@@ -135,7 +135,8 @@ def test_eio_fails_with_481_and_remounts(fuse_daemon: Daemon, vcfuse: VcFuse) ->
     assert "Input/output error" in failure(status)["message"]
     vcfuse.set_mode("serve")
     status = fuse_daemon.call("waitStorageServer", connectionIDs=["f"], timeout=30)["f"]
-    assert status["connected"] and status["attempts"] == 0 and failure(status)["code"] == 481
+    assert status["connected"] and status["attempts"] == 0
+    assert failure(status)["code"] in (477, 481)  # the outage, or a remount during it
     # Mount ids are reused by the kernel: the new server's pid tells the mount is new.
     assert vcfuse.pid() != first_server and vcfuse.servers() == [vcfuse.pid()]
     assert "UNMOUNTED path=" + path in fuse_daemon.log()
@@ -152,7 +153,8 @@ def test_killed_server_is_detected_and_remounted(fuse_daemon: Daemon, vcfuse: Vc
     assert "Transport endpoint is not connected" in failure(status)["message"]
     fuse_daemon._until("a new vcfuse server", lambda: vcfuse.pid() != killed, 20)
     status = fuse_daemon.call("waitStorageServer", connectionIDs=["f"], timeout=30)["f"]
-    assert status["connected"] and status["attempts"] == 0 and failure(status)["code"] == 481
+    assert status["connected"] and status["attempts"] == 0
+    assert failure(status)["code"] in (477, 481)  # the outage, or a remount during it
     assert mounted(path) is not None and vcfuse.servers() == [vcfuse.pid()]
     fuse_daemon.call("unmanageStorageServer", connectionID="f")
     fuse_daemon.wait_gone(path)

@@ -109,7 +109,8 @@ def test_killed_brick_fails_with_481_and_recovers(daemon: Daemon, gluster: Glust
     assert "Transport endpoint is not connected" in failure(status)["message"]
     gluster.start_volume_force(name)
     status = daemon.call("waitStorageServer", connectionIDs=["k"], timeout=60)["k"]
-    assert status["connected"] and status["attempts"] == 0 and failure(status)["code"] == 481
+    assert status["connected"] and status["attempts"] == 0
+    assert failure(status)["code"] in (477, 481)  # the outage, or a remount during it
     print(f"brick killed: 481 seen after {seen:.2f} s, attempts {status['attempts']}")
     unmanage(daemon, "k", path)
 
@@ -121,7 +122,8 @@ def test_killed_fuse_client_is_remounted(daemon: Daemon, volume: str) -> None:
     assert "Transport endpoint is not connected" in failure(status)["message"]
     daemon._until("a new glusterfs client", lambda: client_pids(path) not in ([], [client]), 30)
     status = daemon.call("waitStorageServer", connectionIDs=["c"], timeout=30)["c"]
-    assert status["connected"] and status["attempts"] == 0 and failure(status)["code"] == 481
+    assert status["connected"] and status["attempts"] == 0
+    assert failure(status)["code"] in (477, 481)  # the outage, or a remount during it
     assert os.statvfs(path).f_bsize > 0
     unmanage(daemon, "c", path)
 
