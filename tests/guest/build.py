@@ -45,7 +45,10 @@ PACKAGES = (
     "e2fsprogs", "xfsprogs", "procps", "lvm2",
     # What the vdsmconn .deb depends on beyond the above, so tests/guest/test_guest_package.py
     # installs it with apt from this image alone (the guest has no network).
+    # debootstrap does not resolve virtual packages: python3-ply provides the
+    # python3-ply-lex-3.10 and python3-ply-yacc-3.10 that python3-pycparser (os-brick) needs.
     "fuse3", "libiscsi-bin", "python3-prometheus-client", "python3-pyudev", "python3-os-brick",
+    "python3-ply",
 )  # fmt: skip
 
 # Modules the initrd loads (with their dependencies) before it can mount the root disk.
