@@ -1,15 +1,23 @@
-"""Test file systems: vcfuse (a FUSE file system that hangs, fails or serves on command)."""
+"""Test file systems: vcfuse (a FUSE file system that hangs, fails or serves on command) and
+slowfs (a passthrough FUSE file system whose fsync takes as long as asked)."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import select
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).parent
 MOUNT_COMMAND = str(HERE / "mount_command.py")
+SLOWFS = str(HERE / "slowfs.py")
+MNT_DETACH = 2
 
 
 class VcFuse:
@@ -58,3 +66,32 @@ class VcFuse:
         for pid in self.servers():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
+
+
+@contextlib.contextmanager
+def slowfs(backing: Path, mountpoint: Path, fsync_delay: float,
+           timeout: float = 10.0) -> Iterator[int]:
+    """Serve `backing` at `mountpoint` through slowfs, each fsync answered `fsync_delay`
+    seconds late; yields the server's pid. On exit the mount is detached and the server,
+    which ends with the last user of the mount, is waited for (killed after `timeout`)."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    server = subprocess.Popen(
+        [sys.executable, SLOWFS, "--fsync-delay", repr(fsync_delay), str(backing),
+         str(mountpoint)], stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        assert server.stdout is not None
+        ready, _, _ = select.select([server.stdout], [], [], timeout)
+        line = server.stdout.readline() if ready else b""
+        if line.strip() != b"ready":
+            raise RuntimeError(f"slowfs did not mount {mountpoint} (rc {server.poll()})")
+        yield server.pid
+    finally:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.umount2(str(mountpoint).encode(), MNT_DETACH)  # fails only if never mounted
+        try:
+            server.wait(timeout)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        if server.stdout is not None:
+            server.stdout.close()
