@@ -1,5 +1,5 @@
-"""vdsmconn benchmark (issue 8): every figure is a ratio against a baseline measured in the
-same run on the same machine, or an absolute number with its target.
+"""vdsmconn benchmark (issues 8 and 16): every figure is a ratio against a baseline measured
+in the same run on the same machine, or an absolute number with its target.
 
 Run through `bench/run` (as root, from anywhere): it puts the whole run in a private mount
 namespace, so the thousand benchmark mounts are invisible to the rest of the host and vanish
@@ -7,7 +7,12 @@ with the run even if it is killed. This script still unmounts and stops everythi
 started, on success and on failure.
 
 Output: progress on stderr; on stdout a human table, and as the last line one JSON object.
-With `--profile DIR`, py-spy samples the daemon during each phase (collapsed stacks in DIR).
+With `--profile DIR`, py-spy samples the daemon during each phase (collapsed stacks in DIR,
+and next to each its summary: pyspy.py).
+
+Modules beside this one: rig.py (clients, mount table, the daemon process), pyspy.py (the
+profiler), commit.py (group commit on the disk and on slowfs, a FUSE file system with a slow
+fsync from tests/fusefs), scale.py (the daemon at rest with 1,000 keys, a restart with 10,000).
 """
 
 from __future__ import annotations
@@ -15,18 +20,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import json
-import math
 import os
 import platform
 import secrets
-import select
 import shutil
 import signal
 import socket
-import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,27 +35,45 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-REPO = Path(__file__).resolve().parent.parent
-# Where the daemon's code is imported from: the repository, or (--source) a snapshot of it,
-# so that edits made to the tree during a run cannot change the code being measured.
-SOURCE = REPO
-READY_TIMEOUT = 60.0
-CALL_TIMEOUT = 300.0
+import rig
+from commit import phase_group_commit, run_slow_commit
+from pyspy import Profiler
+from rig import (
+    CALL_TIMEOUT,
+    MNT_DETACH,
+    REPO,
+    AsyncClient,
+    Client,
+    Daemon,
+    MountTable,
+    RpcError,
+    manage_simple_many,
+    median,
+    pct,
+    posix,
+    progress,
+    umount_below,
+    umount_syscall,
+    unmanage_all,
+)
+from scale import run_adopt10k, run_idle
 
 TARGETS: dict[str, tuple[str, float]] = {
     "connect_ratio": ("<=", 1.0),
     "remount_ratio": ("<=", 3.0),
     "group_commit_ratio": (">=", 2.0),
     "rpc_rtt_ratio": ("<=", 4.0),
-    "list_ratio": ("<=", 2.0),
+    "group_commit_ratio_slow_disk": (">=", 10.0),
+    "list_ratio": ("<=", 1.2),
     "hung_p99_ratio": ("<=", 1.5),
     "rss_10k_mb": ("<=", 150.0),
     "adopt_1000_s": ("<=", 5.0),
     "remounts_on_restart": ("<=", 0.0),
     "isolation_ratio": ("<=", 1.5),
     "stomp_rtt_ratio": ("<=", 1.5),
+    "idle_cpu_1000_pct": ("<=", 1.0),
+    "adopt_10000_s": ("<=", 5.0),
+    "remounts_on_restart_10000": ("<=", 0.0),
 }
 
 # The figures each phase measures (--phases picks phases; all by default).
@@ -63,319 +81,14 @@ PHASES: dict[str, tuple[str, ...]] = {
     "rtt": ("rpc_rtt_ratio",),
     "connect": ("connect_ratio", "remount_ratio"),
     "commit": ("group_commit_ratio",),
-    "list": ("list_ratio", "rss_10k_mb", "adopt_1000_s", "remounts_on_restart"),
+    "slowdisk": ("group_commit_ratio_slow_disk",),
+    "list": ("list_ratio", "rss_10k_mb", "idle_cpu_1000_pct", "adopt_1000_s",
+             "remounts_on_restart"),
     "hung": ("hung_p99_ratio",),
     "isolation": ("isolation_ratio",),
     "stomp": ("stomp_rtt_ratio",),
+    "adopt10k": ("adopt_10000_s", "remounts_on_restart_10000"),
 }
-
-
-def progress(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def median(xs: list[float]) -> float:
-    return float(statistics.median(xs))
-
-
-def pct(xs: list[float], p: float) -> float:
-    s = sorted(xs)
-    return s[max(0, math.ceil(p / 100 * len(s)) - 1)]
-
-
-# --- clients (the same code talks to the daemon and to the echo baseline) -------------------
-
-
-class RpcError(Exception):
-    pass
-
-
-class Client:
-    """Blocking newline-delimited JSON-RPC client over a unix stream socket."""
-
-    def __init__(self, path: str, timeout: float = CALL_TIMEOUT) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(path)
-        self.file = self.sock.makefile("rb")
-        self.next_id = 1
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def send(self, method: str, params: Any = None) -> int:
-        rid, self.next_id = self.next_id, self.next_id + 1
-        msg: dict[str, Any] = {"jsonrpc": "2.0", "id": rid, "method": method}
-        if params is not None:
-            msg["params"] = params
-        self.sock.sendall(json.dumps(msg).encode() + b"\n")
-        return rid
-
-    def receive(self) -> dict[str, Any]:
-        line = self.file.readline()
-        if not line:
-            raise RpcError("connection closed")
-        msg: dict[str, Any] = json.loads(line)
-        return msg
-
-    def call(self, method: str, params: Any = None) -> Any:
-        rid = self.send(method, params)
-        while True:
-            msg = self.receive()
-            if msg.get("id") == rid:
-                break
-        if "error" in msg:
-            raise RpcError(f"{method}: {msg['error']}")
-        return msg["result"]
-
-    def pipeline(self, calls: list[tuple[str, Any]]) -> list[Any]:
-        """Send every call without waiting, then collect the replies (any order)."""
-        ids = {self.send(method, params): i for i, (method, params) in enumerate(calls)}
-        results: list[Any] = [None] * len(calls)
-        while ids:
-            msg = self.receive()
-            i = ids.pop(msg.get("id"), None)
-            if i is None:
-                continue
-            if "error" in msg:
-                raise RpcError(f"{calls[i][0]}: {msg['error']}")
-            results[i] = msg["result"]
-        return results
-
-
-class AsyncClient:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer, self.next_id = reader, writer, 1
-
-    @classmethod
-    async def open(cls, path: str) -> AsyncClient:
-        reader, writer = await asyncio.open_unix_connection(path, limit=1 << 28)
-        return cls(reader, writer)
-
-    async def call(self, method: str, params: Any = None) -> Any:
-        rid, self.next_id = self.next_id, self.next_id + 1
-        msg: dict[str, Any] = {"jsonrpc": "2.0", "id": rid, "method": method}
-        if params is not None:
-            msg["params"] = params
-        self.writer.write(json.dumps(msg).encode() + b"\n")
-        await self.writer.drain()
-        reply = json.loads(await self.reader.readline())
-        if "error" in reply:
-            raise RpcError(f"{method}: {reply['error']}")
-        return reply["result"]
-
-    async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(OSError):
-            await self.writer.wait_closed()
-
-
-# --- the mount table -------------------------------------------------------------------------
-
-
-class MountTable:
-    """/proc/self/mountinfo, with poll(POLLPRI) to sleep until it changes."""
-
-    def __init__(self) -> None:
-        self.file = open("/proc/self/mountinfo", "rb", buffering=0)  # noqa: SIM115
-        self.poller = select.poll()
-        self.poller.register(self.file.fileno(), select.POLLPRI | select.POLLERR)
-
-    def read(self) -> bytes:
-        self.file.seek(0)
-        chunks = []
-        while chunk := self.file.read(1 << 20):
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    def ids(self, root: str) -> dict[str, int]:
-        """mount point -> mount id, for mount points below root."""
-        prefix = root.rstrip("/") + "/"
-        out = {}
-        for line in self.read().decode(errors="surrogateescape").splitlines():
-            fields = line.split(" ")
-            if fields[4].startswith(prefix):
-                out[fields[4]] = int(fields[0])
-        return out
-
-    def wait_for(self, path: str, present: bool, timeout: float) -> float:
-        """perf_counter time at which `path` was seen (not) mounted."""
-        needle = f" {path} ".encode()
-        deadline = time.perf_counter() + timeout
-        self.poller.poll(0)  # consume a pending change notification
-        while True:
-            now = time.perf_counter()
-            if (needle in self.read()) == present:
-                return now
-            left = deadline - time.perf_counter()
-            if left <= 0:
-                raise TimeoutError(f"{path} not {'mounted' if present else 'unmounted'}")
-            self.poller.poll(left * 1000)
-
-    def close(self) -> None:
-        self.file.close()
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-MNT_DETACH = 2
-
-
-def umount_syscall(path: str, flags: int = 0) -> None:
-    if _libc.umount2(path.encode(), flags) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), path)
-
-
-def umount_below(root: str) -> None:
-    """Lazily unmount everything below root, deepest first (cleanup)."""
-    table = MountTable()
-    try:
-        for path in sorted(table.ids(root), key=len, reverse=True):
-            with contextlib.suppress(OSError):
-                umount_syscall(path, MNT_DETACH)
-    finally:
-        table.close()
-
-
-# --- the daemon --------------------------------------------------------------------------------
-
-
-class Daemon:
-    def __init__(self, base: Path, name: str, supervisor: dict[str, Any] | None = None) -> None:
-        self.base = base
-        self.name = name
-        self.socket = str(base / "run" / "s.sock")
-        self.mount_root = str(base / "mnt")
-        self.config_file = base / f"{name}.yaml"
-        self.log_file = base / f"{name}.log"
-        self.settings = {
-            "state_dir": str(base / "state"),
-            "run_dir": str(base / "run"),
-            "mount_root": self.mount_root,
-            "rpc": {"socket": self.socket, "socket_group": None},
-            "metrics": {"listen": None},
-            "logging": {"level": "info"},
-        }
-        if supervisor:
-            self.settings["supervisor"] = supervisor
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.started = 0.0
-        self.ready = 0.0
-
-    def start(self) -> None:
-        self.config_file.write_text(yaml.safe_dump(self.settings))
-        notify_path = str(self.base / "run" / f"notify-{self.name}")
-        os.makedirs(self.base / "run", exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(notify_path)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
-            notify.bind(notify_path)
-            notify.settimeout(0.5)
-            env = dict(os.environ, NOTIFY_SOCKET=notify_path, PYTHONPATH=str(SOURCE))
-            env.pop("WATCHDOG_USEC", None)
-            with open(self.log_file, "ab") as log:
-                self.started = time.perf_counter()
-                self.proc = subprocess.Popen(
-                    [sys.executable, "-m", "vdsmconn", "-c", str(self.config_file)],
-                    stdout=log, stderr=log, env=env, cwd=str(SOURCE), start_new_session=True,
-                )
-            deadline = time.monotonic() + READY_TIMEOUT
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                try:
-                    message = notify.recv(4096).decode()
-                except TimeoutError:
-                    continue
-                if "READY=1" in message.split("\n"):
-                    self.ready = time.perf_counter()
-                    return
-        raise RuntimeError(f"daemon {self.name} not ready; log tail:\n{self.tail()}")
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def tail(self) -> str:
-        try:
-            return self.log_file.read_text(errors="replace")[-4000:]
-        except OSError:
-            return ""
-
-    def client(self) -> Client:
-        return Client(self.socket)
-
-    def call(self, method: str, params: Any = None) -> Any:
-        with self.client() as c:
-            return c.call(method, params)
-
-    def rss_mb(self) -> tuple[float, float]:
-        fields = {}
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            name, _, value = line.partition(":")
-            fields[name] = value.strip()
-        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
-
-    def stop(self, timeout: float = 60.0) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-    def wait_keys(self, connected: int, keys: int, timeout: float, interval: float = 0.01) -> float:
-        """Poll getHostInfo until `keys` keys exist, `connected` of them connected."""
-        deadline = time.perf_counter() + timeout
-        with self.client() as c:
-            while True:
-                info = c.call("getHostInfo")
-                if info["keys"] == keys and info["states"]["connected"] == connected:
-                    return time.perf_counter()
-                if time.perf_counter() > deadline:
-                    raise TimeoutError(f"keys={keys} connected={connected} not reached: {info}")
-                time.sleep(interval)
-
-
-class Profiler:
-    """py-spy record on the daemon for one phase, when --profile is given."""
-
-    def __init__(self, out: Path | None) -> None:
-        self.out = out
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @contextlib.contextmanager
-    def phase(self, daemon: Daemon, name: str) -> Iterator[None]:
-        if self.out is None:
-            yield
-            return
-        pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-        self.out.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.Popen(
-            [pyspy, "record", "--nonblocking", "--threads", "--idle", "-r", "500",
-             "-f", "raw", "-o", str(self.out / f"{name}.txt"), "-p", str(daemon.pid)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        time.sleep(0.5)
-        try:
-            yield
-        finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 # --- baselines -----------------------------------------------------------------------------
@@ -397,30 +110,6 @@ def direct_mounts(base: Path, n: int) -> list[float]:
         for p in paths:
             subprocess.run(["umount", str(p)], check=False, stderr=subprocess.DEVNULL)
     return times
-
-
-def sqlite_commits_per_s(directory: Path, seconds: float) -> float:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "baseline.db"
-    conn = sqlite3.connect(path, isolation_level=None)
-    try:
-        assert conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL)")
-        n = 0
-        row = json.dumps({"type": "posixfs", "connection": "x", "vfs_type": "tmpfs"})
-        t0 = time.perf_counter()
-        while (elapsed := time.perf_counter() - t0) < seconds:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute("INSERT INTO t (v) VALUES (?)", (row,))
-            conn.execute("COMMIT")
-            n += 1
-        return n / elapsed
-    finally:
-        conn.close()
-        for suffix in ("", "-wal", "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"{path}{suffix}")
 
 
 ECHO_SERVER = """
@@ -464,60 +153,6 @@ def echo_server(base: Path) -> Iterator[str]:
 
 
 # --- phases ----------------------------------------------------------------------------------
-
-
-def posix(name: str, vfs: str = "tmpfs") -> dict[str, Any]:
-    return {"type": "posixfs", "connection": name, "vfs_type": vfs}
-
-
-def manage_simple_many(daemon: Daemon, pairs: list[tuple[str, dict[str, Any]]],
-                       clients: int = 8, batch: int = 64) -> None:
-    """Manage many CIDs: `clients` connections, each pipelining `batch` calls at a time."""
-
-    async def worker(chunk: list[tuple[str, dict[str, Any]]]) -> None:
-        c = await AsyncClient.open(daemon.socket)
-        try:
-            for i in range(0, len(chunk), batch):
-                part = chunk[i:i + batch]
-                lines = []
-                ids = set()
-                for cid, conn in part:
-                    rid, c.next_id = c.next_id, c.next_id + 1
-                    ids.add(rid)
-                    lines.append(json.dumps({"jsonrpc": "2.0", "id": rid,
-                                             "method": "manageStorageServer",
-                                             "params": {"connectionID": cid,
-                                                        "connection": conn}}).encode())
-                c.writer.write(b"\n".join(lines) + b"\n")
-                await c.writer.drain()
-                while ids:
-                    msg = json.loads(await c.reader.readline())
-                    if "error" in msg:
-                        raise RpcError(str(msg["error"]))
-                    ids.discard(msg["id"])
-        finally:
-            await c.close()
-
-    async def run() -> None:
-        await asyncio.gather(*(worker(pairs[i::clients]) for i in range(clients)))
-
-    asyncio.run(run())
-
-
-def unmanage_all(daemon: Daemon, prefix: str, timeout: float = 300.0) -> None:
-    """Unmanage every CID with `prefix`; return once no key is left and nothing is mounted
-    under the mount root."""
-    daemon.call("unmanageStorageServer", {"prefix": prefix})
-    daemon.wait_keys(0, 0, timeout, interval=0.05)
-    table = MountTable()
-    try:
-        deadline = time.monotonic() + timeout
-        while table.ids(daemon.mount_root):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"mounts left under {daemon.mount_root}")
-            time.sleep(0.02)
-    finally:
-        table.close()
 
 
 def phase_rtt(base: Path, daemon: Daemon, n: int, rounds: int = 10) -> dict[str, float]:
@@ -670,52 +305,6 @@ def phase_remount(daemon: Daemon, rounds: int, n_keys: int) -> list[float]:
     return times
 
 
-def phase_group_commit(daemon: Daemon, clients: int, seconds: float,
-                       sqlite_dir: Path) -> dict[str, float]:
-    """The daemon's durable manage rate and the SQLite baseline, measured in alternating
-    one-second windows: the disk is shared, and its speed changes from second to second."""
-    conn = posix("bench-gc")
-    daemon.call("manageStorageServer", {"connectionID": "gc-warm", "connection": conn})
-    windows = max(1, round(seconds))
-    calls = 0
-    daemon_s = 0.0
-    rates = []
-    for window in range(windows):
-        if window % 2:
-            rates.append(sqlite_commits_per_s(sqlite_dir, 1.0))
-        n, elapsed = asyncio.run(_manage_window(daemon, clients, 1.0, window, conn))
-        calls += n
-        daemon_s += elapsed
-        if window % 2 == 0:
-            rates.append(sqlite_commits_per_s(sqlite_dir, 1.0))
-    unmanage_all(daemon, "gc-")
-    return {"gc_calls": calls, "gc_per_s": calls / daemon_s,
-            "sqlite_per_s": sum(rates) / len(rates)}
-
-
-async def _manage_window(daemon: Daemon, clients: int, seconds: float, window: int,
-                         conn: dict[str, Any]) -> tuple[int, float]:
-    opened = [await AsyncClient.open(daemon.socket) for _ in range(clients)]
-    count = 0
-    stop_at = time.perf_counter() + seconds
-
-    async def worker(i: int, c: AsyncClient) -> None:
-        nonlocal count
-        j = 0
-        while time.perf_counter() < stop_at:
-            await c.call("manageStorageServer",
-                         {"connectionID": f"gc-{window}-{i}-{j}", "connection": conn})
-            j += 1
-            count += 1
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker(i, c) for i, c in enumerate(opened)))
-    elapsed = time.perf_counter() - t0
-    for c in opened:
-        await c.close()
-    return count, elapsed
-
-
 def phase_list(daemon: Daemon, keys: int, per_key: int, calls: int,
                profiler: Profiler) -> dict[str, Any]:
     pairs = [(f"L{k:04d}-{j}", posix(f"k{k:04d}")) for k in range(keys) for j in range(per_key)]
@@ -753,7 +342,8 @@ def phase_list(daemon: Daemon, keys: int, per_key: int, calls: int,
     return out
 
 
-def phase_restart(base: Path, daemon: Daemon, keys: int) -> tuple[Daemon, dict[str, float]]:
+def phase_restart(base: Path, daemon: Daemon, keys: int,
+                  profiler: Profiler) -> tuple[Daemon, dict[str, float]]:
     table = MountTable()
     try:
         before = table.ids(daemon.mount_root)
@@ -764,8 +354,9 @@ def phase_restart(base: Path, daemon: Daemon, keys: int) -> tuple[Daemon, dict[s
             markers[path] = token
         daemon.stop()
         fresh = Daemon(base, "daemon2")
-        fresh.start()
-        done = fresh.wait_keys(keys, keys, 300)
+        with profiler.from_start(fresh, "restart"):
+            fresh.start()
+            done = fresh.wait_keys(keys, keys, 300)
         after = table.ids(daemon.mount_root)
         replaced = 0
         for path, mount_id in before.items():
@@ -1068,16 +659,19 @@ def run_list_restart(args: argparse.Namespace, base: Path, d1: Daemon, profiler:
     li = phase_list(d1, args.keys, args.per_key, args.list_calls, profiler)
     result["list_ratio"] = li["list_s"] / li["json_s"]
     result["rss_10k_mb"] = round(li["rss_mb"], 1)
-    rows.append(("list_ratio", f"list of {li['entries']} entries ({li['reply_bytes'] / 1e6:.1f} MB)"
-                 f" {li['list_s'] * 1e3:.0f} ms vs dumps+loads {li['json_s'] * 1e3:.0f} ms"))
+    rows.append(("list_ratio", f"list of {li['entries']} entries on {args.keys} keys "
+                 f"({li['reply_bytes'] / 1e6:.1f} MB) {li['list_s'] * 1e3:.0f} ms vs the client's"
+                 f" dumps+loads of it {li['json_s'] * 1e3:.0f} ms (medians of {args.list_calls})"))
     rows.append(("rss_10k_mb", f"VmRSS {li['rss_mb']:.1f} MiB (before listing "
                  f"{li['rss_before_list']:.1f}, peak {li['hwm_mb']:.1f})"))
     rows.append(("(setup)", f"{args.keys * args.per_key} manage acked in "
                  f"{li['setup_manage_s']:.1f} s ({li['setup_manage_per_s']:.0f}/s), "
                  f"all {args.keys} connected after {li['setup_connected_s']:.1f} s"))
+    if args.idle_seconds > 0:
+        run_idle(args, d1, profiler, args.keys, result, rows)
 
     progress(f"restart with {args.keys} mounts")
-    d2, a = phase_restart(base, d1, args.keys)
+    d2, a = phase_restart(base, d1, args.keys, profiler)
     daemons.append(d2)
     result["adopt_1000_s"] = round(a["adopt_s"], 3)
     result["remounts_on_restart"] = a["replaced"]
@@ -1196,6 +790,12 @@ def run(args: argparse.Namespace, base: Path, daemons: list[Daemon]) -> None:
     elif phases & {"rtt", "connect", "commit"}:
         d1.stop()
 
+    if "slowdisk" in phases:
+        run_slow_commit(args, base, profiler, daemons, result, rows)
+
+    if "adopt10k" in phases:
+        run_adopt10k(args, base, profiler, daemons, result, rows)
+
     if "hung" in phases:
         run_hung(args, base, profiler, daemons, result, rows)
 
@@ -1213,7 +813,7 @@ def run(args: argparse.Namespace, base: Path, daemons: list[Daemon]) -> None:
     ordered = {k: float(round(result[k], 4)) for k in TARGETS if k in result}
     print()
     print("vdsmconn benchmark  " + "  ".join(f"{k}={v}" for k, v in info.items()))
-    print(f"code: {SOURCE}  load_at_end="
+    print(f"code: {rig.SOURCE}  load_at_end="
           + " ".join(Path("/proc/loadavg").read_text().split()[:3]))
     print(f"{'figure':22} {'value':>10} {'target':>8}  {'met':4} detail")
     details = dict(rows)
@@ -1248,6 +848,18 @@ def main() -> int:
     parser.add_argument("--keys", type=int, default=1000)
     parser.add_argument("--per-key", type=int, default=10)
     parser.add_argument("--list-calls", type=int, default=10)
+    parser.add_argument("--idle-seconds", type=float, default=30.0,
+                        help="the daemon at rest with --keys connected keys, after listing"
+                        " (0: skip)")
+    parser.add_argument("--fsync-delay", type=float, default=0.002,
+                        help="seconds slowfs adds to each fsync in the slowdisk phase")
+    parser.add_argument("--keys10k", type=int, default=10000,
+                        help="managed tmpfs mounts of the adopt10k phase")
+    parser.add_argument("--setup10k", choices=("seed", "daemon"), default="seed",
+                        help="adopt10k: record the CIDs through a daemon that cannot mount and"
+                        " mount them directly (seed), or connect them all through a daemon"
+                        " (daemon: quadratic today, an hour for 10,000)")
+    parser.add_argument("--setup10k-timeout", type=float, default=3600.0)
     parser.add_argument("--hung-seconds", type=float, default=10.0,
                         help="one-second windows on each of the two daemons")
     parser.add_argument("--hung-clients", type=int, default=4)
@@ -1261,10 +873,9 @@ def main() -> int:
     args = parser.parse_args()
     if unknown := set(args.phases) - set(PHASES):
         parser.error(f"unknown phases: {', '.join(sorted(unknown))}")
-    global SOURCE
-    SOURCE = Path(args.source).resolve()
-    if not (SOURCE / "vdsmconn" / "__main__.py").exists():
-        print(f"bench: no vdsmconn package in {SOURCE}", file=sys.stderr)
+    rig.SOURCE = Path(args.source).resolve()
+    if not (rig.SOURCE / "vdsmconn" / "__main__.py").exists():
+        print(f"bench: no vdsmconn package in {rig.SOURCE}", file=sys.stderr)
         return 2
     if os.geteuid() != 0:
         print("bench: must run as root (it mounts)", file=sys.stderr)
