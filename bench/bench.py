@@ -815,18 +815,18 @@ def run(args: argparse.Namespace, base: Path, daemons: list[Daemon]) -> None:
     print("vdsmconn benchmark  " + "  ".join(f"{k}={v}" for k, v in info.items()))
     print(f"code: {rig.SOURCE}  load_at_end="
           + " ".join(Path("/proc/loadavg").read_text().split()[:3]))
-    print(f"{'figure':22} {'value':>10} {'target':>8}  {'met':4} detail")
+    print(f"{'figure':28} {'value':>10} {'target':>8}  {'met':4} detail")
     details = dict(rows)
     for key, (op, target) in TARGETS.items():
         if key not in ordered:
             continue
         value = ordered[key]
         met = value <= target if op == "<=" else value >= target
-        print(f"{key:22} {value:10.3f} {op + format(target, 'g'):>8}  {'yes' if met else 'NO':4} "
+        print(f"{key:28} {value:10.3f} {op + format(target, 'g'):>8}  {'yes' if met else 'NO':4} "
               f"{details.get(key, '')}")
     for key, detail in rows:
         if key.startswith("("):
-            print(f"{key:22} {'':10} {'':8}  {'':4} {detail}")
+            print(f"{key:28} {'':10} {'':8}  {'':4} {detail}")
     print(json.dumps(ordered))
 
 
@@ -860,6 +860,9 @@ def main() -> int:
                         " mount them directly (seed), or connect them all through a daemon"
                         " (daemon: quadratic today, an hour for 10,000)")
     parser.add_argument("--setup10k-timeout", type=float, default=3600.0)
+    parser.add_argument("--adopt10k-timeout", type=float, default=120.0,
+                        help="adopt10k: seconds after the start to give up waiting (the figure"
+                        " is then the time given up, marked as such)")
     parser.add_argument("--hung-seconds", type=float, default=10.0,
                         help="one-second windows on each of the two daemons")
     parser.add_argument("--hung-clients", type=int, default=4)
