@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from vdsmconn.host import address
+
 MAIN_FILE = Path("/etc/vdsmconn/vdsmconn.yaml")
 DROPIN_GLOB = "/etc/vdsmconn/conf.d/*.yaml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -271,8 +273,11 @@ def key_infos(obj: Any = None, prefix: str = "") -> list[KeyInfo]:
 
 
 def _is_hostport(value: str) -> bool:
-    host, sep, port = value.rpartition(":")
-    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+    try:
+        host, port = address.split(value)
+    except ValueError:
+        return False
+    return bool(host) and 0 < port < 65536
 
 
 T = TypeVar("T")

@@ -181,7 +181,7 @@ class Inventory:
                     name = os.path.basename(device)  # "/dev/" + the kernel's name
                     out.append((name, None if s is None else {
                         "sid": s.sid, "portal": s.portal, "iqn": s.iqn, "iface": s.iface,
-                        "netdev": s.netdev or p["netdev"], "device": f"/dev/{name}"}))
+                        "netdev": p["netdev"], "device": f"/dev/{name}"}))
             return out
         if isinstance(spec, ManagedSpec):
             found = self.connectors["managed"].present(spec)

@@ -37,6 +37,7 @@ from prometheus_client.registry import Collector
 
 from vdsmconn import __version__, errors
 from vdsmconn.connectors.base import Connected, Connector, StepLog
+from vdsmconn.host import address
 from vdsmconn.host.command import StuckCommand
 from vdsmconn.model import ConnectionKey, ConnectionSpec, State
 from vdsmconn.rpc.jsonrpc import Method, Session
@@ -371,7 +372,7 @@ class MetricsServer:
 
     def __init__(self, metrics: Metrics, listen: str) -> None:
         self._metrics = metrics
-        self._host, self._port = split_hostport(listen)
+        self._host, self._port = address.split(listen)
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -391,8 +392,3 @@ class MetricsServer:
             self._thread.join(5)
             self._server = self._thread = None
 
-
-def split_hostport(value: str) -> tuple[str, int]:
-    """HOST:PORT (IPv6 hosts in brackets) -> (host, port)."""
-    host, _, port = value.rpartition(":")
-    return host.strip("[]"), int(port)

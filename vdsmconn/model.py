@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
+from vdsmconn.host import address
+
 SECRET_WORDS = ("pass", "secret", "key", "token", "auth")
 MASK = "********"
 
@@ -81,16 +83,11 @@ def normalize_remote(spec: str) -> str:
     `server:6789:/path` keeps its port and `[fe80::1]:/x` its brackets). A spec with no such
     colon is a local path or a device name and is normalized as a path.
     """
-    idx = spec.find(":/")
-    if spec.startswith("["):
-        close = spec.find("]")
-        if close != -1:
-            idx = spec.find(":/", close)
-    if idx == -1:
+    host, path = address.split_remote(spec)
+    if host is None:
         if spec.startswith("//"):  # a CIFS share, //server/share: keep its two slashes
             return "/" + normalize_path(spec[1:])
         return normalize_path(spec) if spec.startswith("/") else spec
-    host, path = spec[:idx], spec[idx + 1 :]
     return f"{host}:{normalize_path(path)}"
 
 
@@ -286,8 +283,7 @@ class IscsiSpec(ConnectionSpec):
 
     @property
     def portal(self) -> str:
-        host = f"[{self.connection}]" if ":" in self.connection else self.connection
-        return f"{host}:{self.port}"
+        return address.join(self.connection, self.port)
 
     @property
     def key(self) -> ConnectionKey:

@@ -34,20 +34,6 @@ def test_iface_list_host() -> None:
     assert [i.name for i in ifaces] == ["vdsmc_test", "default", "iser"]
 
 
-def test_iface_record() -> None:
-    record = iscsi_parse.parse_record(captured("guest-iface-show").stdout)
-    iface = iscsi_parse.iface_from_record(record)
-    assert (iface.name, iface.net_ifacename, iface.transport) == ("vt1h0", "vt1h0", "tcp")
-    assert record["iface.ipaddress"] is None
-
-
-def test_node_record() -> None:
-    record = iscsi_parse.parse_record(captured("host-node-show").stdout)
-    assert record["node.name"] == "iqn.2003-01.org.vdsmconn.test:cap1"
-    assert record["node.tpgt"] == "1" and record["node.startup"] == "manual"
-    assert record["iface.iscsi_ifacename"] == "vdsmc_test"
-
-
 def test_node_list_tpgt_unknown_is_none() -> None:
     targets = iscsi_parse.parse_targets(captured("host-node-list").stdout)
     assert [(t.portal, t.tpgt, t.iqn) for t in targets] == [
@@ -71,32 +57,9 @@ def test_discovery_ipv6_portal() -> None:
         ("fd00::7", 3260, 2, "[fd00::7]:3260"), ("10.0.0.1", 3261, 1, "10.0.0.1:3261")]
 
 
-def test_session_list() -> None:
-    sessions = iscsi_parse.parse_session_list(captured("guest-session").stdout)
-    assert [(s.sid, s.address, s.port, s.tpgt, s.iqn) for s in sessions] == [
-        (1, "10.77.4.2", 3260, 1, "iqn.2003-01.org.vdsmconn.test:target1"),
-        (2, "10.77.5.2", 3260, 1, "iqn.2003-01.org.vdsmconn.test:target1")]
-
-
-def test_session_tree_two_paths() -> None:
-    sessions = iscsi_parse.parse_session_tree(captured("guest-session-P3").stdout)
-    assert [(s.sid, s.iface, s.netdev, s.state, s.connection_state, s.disks) for s in sessions] \
-        == [(1, "vt1h0", "vt1h0", "LOGGED_IN", "LOGGED IN", ("sda",)),
-            (2, "vt1h1", "vt1h1", "LOGGED_IN", "LOGGED IN", ("sdb",))]
-    assert all(s.iqn == "iqn.2003-01.org.vdsmconn.test:target1" for s in sessions)
-
-
-def test_session_tree_link_down_is_failed() -> None:
-    sessions = iscsi_parse.parse_session_tree(captured("guest-session-P3-link-down").stdout)
-    first = next(s for s in sessions if s.sid == 1)
-    assert (first.state, first.connection_state) == ("FAILED", "TRANSPORT WAIT")
-    assert not first.logged_in
-
-
 def test_no_sessions() -> None:
     result = captured("guest-session-none")
     assert result.rc == iscsiadm.RC_NO_OBJS_FOUND
-    assert iscsi_parse.parse_session_tree(result.stdout) == []
 
 
 # --- exit codes ----------------------------------------------------------------------------

@@ -174,7 +174,9 @@ async def test_operations_are_timed_and_a_scrape_never_waits_for_one(
     slow = SlowConnector()
     table = m.instrument({"posixfs": slow})
     timed = table["posixfs"]
-    assert getattr(timed, "extra") == "passes through"  # noqa: B009 - backend extras
+    # No attribute passes through by magic: the backend's own extras are on `inner`.
+    assert isinstance(timed, metrics.TimedConnector)
+    assert getattr(timed.inner, "extra") == "passes through"  # noqa: B009 - backend extras
     s = spec("vc-e")
     connecting = asyncio.create_task(timed.connect(s))
     await asyncio.sleep(0.01)

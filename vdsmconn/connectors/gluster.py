@@ -19,6 +19,7 @@ from vdsmconn import errors
 from vdsmconn.connectors.base import StepLog
 from vdsmconn.connectors.mount import HelperMountConnector
 from vdsmconn.host import gluster
+from vdsmconn.host.address import join, split_remote, unbracket
 from vdsmconn.model import MountSpec
 
 log = logging.getLogger(__name__)
@@ -30,10 +31,8 @@ BACKUP_OPTION = "backup-volfile-servers"
 
 def split_connection(connection: str) -> tuple[str, str]:
     """`server:/volume[/subdir]` -> (`server`, `volume`); IPv6 servers lose their brackets."""
-    server, _, path = connection.rpartition(":/")
-    if server.startswith("[") and server.endswith("]"):
-        server = server[1:-1]
-    return server, path.split("/")[0]
+    server, path = split_remote(connection)
+    return unbracket(server or ""), path.lstrip("/").split("/")[0]
 
 
 class GlusterConnector(HelperMountConnector):
@@ -133,7 +132,7 @@ async def _resolve(host: str, timeout: float) -> list[str]:
 
 async def _tcp_connect(address: str, port: int, timeout: float) -> str:
     start = time.monotonic()
-    target = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    target = join(address, port)
     try:
         async with asyncio.timeout(timeout):
             _, writer = await asyncio.open_connection(address, port)

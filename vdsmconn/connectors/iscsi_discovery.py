@@ -25,6 +25,7 @@ from typing import Any
 from vdsmconn import errors
 from vdsmconn.connectors.base import StepLog
 from vdsmconn.host import probe
+from vdsmconn.host.address import join, unbracket
 from vdsmconn.host.command import CommandRunner, tail
 from vdsmconn.host.iscsiadm import Iscsiadm
 from vdsmconn.model import IscsiSpec, Secret
@@ -35,7 +36,7 @@ FALLBACK_INITIATOR = "iqn.2024-01.org.vdsmconn:connectivity-test"
 
 def _literal(host: str) -> str | None:
     try:
-        return str(ipaddress.ip_address(host.strip("[]")))
+        return str(ipaddress.ip_address(unbracket(host)))
     except ValueError:
         return None
 
@@ -65,10 +66,6 @@ async def resolve(host: str, timeout: float) -> str:
     return (await resolve_all(host, timeout))[0]
 
 
-def _portal(address: str, port: int) -> str:
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
-
-
 async def discover_send_targets(
     adm: Iscsiadm, host: str, port: int = 3260, user: str | None = None,
     password: Secret | None = None, ipv6_enabled: bool = False, resolve_timeout: float = 10.0,
@@ -78,7 +75,7 @@ async def discover_send_targets(
         address = await resolve(host, resolve_timeout)
     except errors.ConnectError as e:
         raise errors.IscsiDiscoveryError(e.message) from None
-    targets = await adm.discover(_portal(address, port), user, password)
+    targets = await adm.discover(join(address, port), user, password)
     return [t.to_wire() for t in targets
             if ipv6_enabled or ":" not in t.address]
 
@@ -124,7 +121,7 @@ class ConnectivityTest:
     async def connect(self) -> str:
         failures = []
         for address in self.addresses:
-            target = _portal(address, self.spec.port)
+            target = join(address, self.spec.port)
             seconds = self.left()
             try:
                 async with asyncio.timeout(seconds):
@@ -149,8 +146,7 @@ class ConnectivityTest:
         spec = self.spec
         chap = spec.user is not None and spec.password is not None
         user = f"{urllib.parse.quote(spec.user or '', safe='')}@" if chap else ""
-        host = f"[{self.address}]" if ":" in self.address else self.address
-        url = f"iscsi://{user}{host}:{spec.port}/{spec.iqn}/0"
+        url = f"iscsi://{user}{join(self.address, spec.port)}/{spec.iqn}/0"
         env = {}
         if user and spec.password is not None:
             env["LIBISCSI_CHAP_PASSWORD"] = spec.password.reveal()
@@ -167,7 +163,7 @@ class ConnectivityTest:
             words = words.replace(secret, "********")
         if result.rc == 0:
             how = " with CHAP" if user else ""
-            return f"logged in to {spec.iqn} at {_portal(self.address, spec.port)}{how} " \
+            return f"logged in to {spec.iqn} at {join(self.address, spec.port)}{how} " \
                    "(userspace, no kernel session); LUN 0 answered INQUIRY"
         if "Authentication failure" in words:
             raise errors.IscsiAuthError(

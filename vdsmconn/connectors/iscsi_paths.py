@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vdsmconn import errors
+from vdsmconn.host.address import join, same_host, unbracket
 from vdsmconn.host.command import CommandRunner
 from vdsmconn.host.iscsi_parse import Session
 from vdsmconn.host.probe import Probes
@@ -130,13 +131,8 @@ def plan_paths(spec: IscsiSpec, sysfs: str) -> list[PathPlan]:
 def node_portal(spec: IscsiSpec, address: str, tpgt: bool = True) -> str:
     """The `-p` of the node record: `ip:port,tpgt`, or `ip:port` when any tpgt will do
     (or `tpgt=False`: logout and delete match the portal whatever its tpgt)."""
-    host = f"[{address}]" if ":" in address else address
-    portal = f"{host}:{spec.port}"
+    portal = join(address, spec.port)
     return portal if spec.tpgt is None or not tpgt else f"{portal},{spec.tpgt}"
-
-
-def same_address(a: str, b: str) -> bool:
-    return a.strip("[]").lower() == b.strip("[]").lower()
 
 
 def session_of(sessions: list[Session], spec: IscsiSpec, address: str,
@@ -144,7 +140,7 @@ def session_of(sessions: list[Session], spec: IscsiSpec, address: str,
     """The session of one path; a logged-in one first if there are several."""
     found = [
         s for s in sessions
-        if s.iqn == spec.iqn and same_address(s.address, address) and s.port == spec.port
+        if s.iqn == spec.iqn and same_host(s.address, address) and s.port == spec.port
         and (spec.tpgt is None or s.tpgt == spec.tpgt) and s.iface == iface
     ]
     found.sort(key=lambda s: not s.logged_in)
@@ -155,7 +151,7 @@ SessionRef = tuple[str, str, int, str]  # iqn, address, port, iface
 
 
 def session_ref(spec: IscsiSpec, address: str, iface: str) -> SessionRef:
-    return (spec.iqn, address.strip("[]").lower(), spec.port, iface)
+    return (spec.iqn, unbracket(address).lower(), spec.port, iface)
 
 
 def best_error(failures: list[errors.Error]) -> errors.Error:

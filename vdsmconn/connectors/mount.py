@@ -135,9 +135,6 @@ class MountConnector(Connector[MountSpec]):
             await unmount(self.host.runner, self.host.config, path)
         await asyncio.to_thread(_remove_dir, path)
 
-    async def _umount(self, path: str, force: bool) -> None:
-        await unmount(self.host.runner, self.host.config, path)
-
     async def probe(self, spec: MountSpec) -> None:
         path = self.mountpoint(spec)
         if path not in self.host.mounts() and path not in await read_mounts():
@@ -176,10 +173,10 @@ class MountConnector(Connector[MountSpec]):
         target = await asyncio.to_thread(tempfile.mkdtemp, None, None, base)
         try:
             await self._mount(spec, target, extra=("ro",))
-            await self._umount(target, force=False)
+            await unmount(self.host.runner, self.host.config, target)
         finally:
             if target in await read_mounts():
-                await self._umount(target, force=True)
+                await unmount(self.host.runner, self.host.config, target)
             await asyncio.to_thread(_remove_dir, target)
         return f"{spec.connection} mounts read-only"
 

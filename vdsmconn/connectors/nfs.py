@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import logging
 import os
 import socket
@@ -28,6 +27,8 @@ from vdsmconn import errors
 from vdsmconn.connectors.base import StepLog
 from vdsmconn.connectors.mount import NFS_FSTYPES, HelperMountConnector
 from vdsmconn.host import mountinfo, oncrpc, probe
+from vdsmconn.host.address import join, same_host, unbracket
+from vdsmconn.host.address import split_remote as split_host_path
 from vdsmconn.model import MountSpec, NfsSpec, normalize_remote
 
 log = logging.getLogger(__name__)
@@ -40,24 +41,8 @@ NFS_PORT = 2049
 
 def split_remote(remote: str) -> tuple[str, str]:
     """`server:/path` -> (`server`, `/path`) after normalization; brackets are kept."""
-    text = normalize_remote(remote)
-    start = text.find("]") if text.startswith("[") else 0
-    idx = text.find(":/", max(start, 0))
-    if idx == -1:
-        return "", text
-    return text[:idx], text[idx + 1 :]
-
-
-def unbracket(host: str) -> str:
-    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
-
-
-def _same_host(a: str, b: str) -> bool:
-    a, b = unbracket(a), unbracket(b)
-    try:
-        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
-    except ValueError:
-        return a.lower().rstrip(".") == b.lower().rstrip(".")
+    host, path = split_host_path(normalize_remote(remote))
+    return host or "", path
 
 
 def same_export(a: str, b: str) -> bool:
@@ -65,16 +50,12 @@ def same_export(a: str, b: str) -> bool:
     `[fd00::1]` is `[FD00:0::1]`, host names ignore case)."""
     host_a, path_a = split_remote(a)
     host_b, path_b = split_remote(b)
-    return path_a == path_b and _same_host(host_a, host_b)
+    return path_a == path_b and same_host(host_a, host_b)
 
 
 def is_mount_of(m: mountinfo.Mount, spec: MountSpec) -> bool:
     return m.fstype in NFS_FSTYPES and same_export(mountinfo.normalized_source(m),
                                                    spec.connection)
-
-
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # --- the connector ---------------------------------------------------------------------------
@@ -186,7 +167,7 @@ class ConnectivityTest:
     async def connect(self) -> str:
         failures = []
         for address in self.addresses:
-            target = _address(address, NFS_PORT)
+            target = join(address, NFS_PORT)
             seconds = self.left()
             try:
                 async with asyncio.timeout(seconds):
@@ -211,7 +192,7 @@ class ConnectivityTest:
 
     async def nfs(self) -> str:
         assert self.client is not None
-        target = _address(self.address, NFS_PORT)
+        target = join(self.address, NFS_PORT)
         version = self.spec.protocol_version
         if version == "auto":
             try:
@@ -229,7 +210,7 @@ class ConnectivityTest:
         return f"NFS (program {oncrpc.NFS_PROGRAM}) version {self.nfs_version} answered at {target}"
 
     async def mountd(self) -> str:
-        portmapper = _address(self.address, oncrpc.PMAP_PORT)
+        portmapper = join(self.address, oncrpc.PMAP_PORT)
         seconds = self.left()
         try:
             async with asyncio.timeout(seconds):
@@ -250,7 +231,7 @@ class ConnectivityTest:
                 f"mountd (program {oncrpc.MOUNT_PROGRAM} version 3) is not registered with "
                 f"the portmapper at {portmapper}"
             )
-        target = _address(self.address, port)
+        target = join(self.address, port)
         seconds = self.left()
         try:
             async with asyncio.timeout(seconds):

@@ -1,24 +1,19 @@
 """Pure parsers of open-iscsi's output, and the reader of its sysfs tree.
 
 Tested on output captured from the real tools (tests/unit/data/iscsi): `iscsiadm -m iface`,
-`-m node`, `-m session`, `-m session -P 3`, discovery, one record (`-I NAME` / `-T .. -p ..`).
+`-m node` and discovery. Sessions are read from sysfs, never from `iscsiadm -m session`.
 `<empty>` in iscsiadm's output is None here.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
+
+from vdsmconn.host.address import join, split
 
 EMPTY = "<empty>"
 TPGT_UNKNOWN = 4294967295  # what iscsiadm shows for a node record made without a tpgt
-
-
-def portal_text(address: str, port: int) -> str:
-    """`address:port`, an IPv6 address in brackets."""
-    host = f"[{address}]" if ":" in address else address
-    return f"{host}:{port}"
 
 
 def _value(text: str) -> str | None:
@@ -47,7 +42,7 @@ class Target:
 
     @property
     def portal(self) -> str:
-        return portal_text(self.address, self.port)
+        return join(self.address, self.port)
 
     def to_wire(self) -> dict[str, object]:
         return {"portal": self.portal, "tpgt": self.tpgt, "iqn": self.iqn}
@@ -55,7 +50,7 @@ class Target:
 
 @dataclass(frozen=True)
 class Session:
-    """One session, from `-m session`, `-m session -P 3` or sysfs."""
+    """One session, as sysfs shows it."""
 
     sid: int
     iqn: str
@@ -63,14 +58,12 @@ class Session:
     port: int
     tpgt: int | None
     iface: str = "default"
-    netdev: str | None = None
-    state: str | None = None  # LOGGED_IN, FAILED, FREE (sysfs / -P 3 session state)
-    connection_state: str | None = None
+    state: str | None = None  # LOGGED_IN, FAILED, FREE (sysfs session state)
     disks: tuple[str, ...] = field(default_factory=tuple)  # sda, ...
 
     @property
     def portal(self) -> str:
-        return portal_text(self.address, self.port)
+        return join(self.address, self.port)
 
     @property
     def logged_in(self) -> bool:
@@ -90,40 +83,14 @@ def parse_iface_list(text: str) -> list[Iface]:
     return found
 
 
-def parse_record(text: str) -> dict[str, str | None]:
-    """One record (`# BEGIN RECORD` ... `name = value` ... `# END RECORD`)."""
-    record: dict[str, str | None] = {}
-    for line in text.splitlines():
-        if line.startswith("#") or " = " not in line:
-            continue
-        name, _, value = line.partition(" = ")
-        record[name.strip()] = _value(value)
-    return record
-
-
-def iface_from_record(record: dict[str, str | None]) -> Iface:
-    return Iface(
-        name=record.get("iface.iscsi_ifacename") or "",
-        transport=record.get("iface.transport_name") or "",
-        hwaddress=record.get("iface.hwaddress"),
-        ipaddress=record.get("iface.ipaddress"),
-        net_ifacename=record.get("iface.net_ifacename"),
-        initiatorname=record.get("iface.initiatorname"),
-    )
-
-
 def split_portal(text: str) -> tuple[str, int, int | None]:
     """`10.0.0.1:3260,1`, `[fd00::1]:3260,1` or `host:3260` -> (address, port, tpgt)."""
     portal, _, tpgt_text = text.partition(",")
-    if portal.startswith("["):
-        close = portal.index("]")
-        address, port_text = portal[1:close], portal[close + 2 :]
-    else:
-        address, _, port_text = portal.rpartition(":")
+    host, port = split(portal, default_port=3260)
     tpgt = int(tpgt_text) if tpgt_text else None
     if tpgt is not None and tpgt in (TPGT_UNKNOWN, -1):
         tpgt = None
-    return address, int(port_text or 3260), tpgt
+    return host, port, tpgt
 
 
 def parse_targets(text: str) -> list[Target]:
@@ -139,81 +106,6 @@ def parse_targets(text: str) -> list[Target]:
             continue
         found.append(Target(address, port, tpgt, words[1]))
     return found
-
-
-_SESSION_LINE = re.compile(r"^(\S+): \[(\d+)\] (\S+) (\S+)")
-
-
-def parse_session_list(text: str) -> list[Session]:
-    """`iscsiadm -m session`: `tcp: [1] 10.0.0.1:3260,1 iqn... (non-flash)`."""
-    found = []
-    for line in text.splitlines():
-        m = _SESSION_LINE.match(line.strip())
-        if m is None:
-            continue
-        address, port, tpgt = split_portal(m.group(3))
-        found.append(Session(int(m.group(2)), m.group(4), address, port, tpgt))
-    return found
-
-
-def parse_session_tree(text: str) -> list[Session]:
-    """`iscsiadm -m session -P 3`: targets, their portals, interfaces, states and disks."""
-    sessions: list[Session] = []
-    iqn = ""
-    current: dict[str, object] = {}
-
-    def flush() -> None:
-        if "sid" in current:
-            address, port, tpgt = split_portal(str(current["portal"]))
-            sessions.append(Session(
-                sid=int(str(current["sid"])), iqn=iqn, address=address, port=port, tpgt=tpgt,
-                iface=str(current.get("iface") or "default"),
-                netdev=_netdev(current.get("netdev")),
-                state=_opt(current.get("state")),
-                connection_state=_opt(current.get("connection_state")),
-                disks=tuple(current.get("disks", ())),  # type: ignore[arg-type]
-            ))
-        current.clear()
-
-    for raw in text.splitlines():
-        line = raw.strip()
-        name, sep, value = line.partition(": ")
-        if not sep and line.endswith(":"):
-            name, value = line[:-1], ""
-        value = value.strip()
-        if name == "Target":
-            flush()
-            iqn = value.split()[0] if value else ""
-        elif name == "Current Portal":
-            flush()
-            current["portal"] = value
-        elif name == "Persistent Portal" and "sid" not in current:
-            current["persistent"] = value
-        elif name == "Iface Name":
-            current["iface"] = value
-        elif name == "Iface Netdev":
-            current["netdev"] = value
-        elif name == "SID":
-            current["sid"] = value
-        elif name == "iSCSI Connection State":
-            current["connection_state"] = value
-        elif name == "iSCSI Session State":
-            current["state"] = value
-        elif line.startswith("Attached scsi disk "):
-            disk = line.split()[3]
-            current.setdefault("disks", [])
-            current["disks"].append(disk)  # type: ignore[attr-defined]
-    flush()
-    return sessions
-
-
-def _opt(value: object) -> str | None:
-    return None if value is None else _value(str(value))
-
-
-def _netdev(value: object) -> str | None:
-    text = _opt(value)
-    return None if text in (None, "default") else text
 
 
 # --- sysfs ------------------------------------------------------------------------------------

@@ -119,10 +119,6 @@ class Iscsiadm:
         result = await self.run(self._node(iqn, portal, iface), NODE, ok=(0, RC_NO_OBJS_FOUND))
         return result.rc == 0
 
-    async def node_list(self) -> list[iscsi_parse.Target]:
-        result = await self.run(["-m", "node"], NODE, ok=(0, RC_NO_OBJS_FOUND))
-        return iscsi_parse.parse_targets(result.stdout)
-
     async def node_new(self, iqn: str, portal: str, iface: str) -> None:
         """`portal` is `ip:port,tpgt` (or `ip:port` when any tpgt will do)."""
         await self.run([*self._node(iqn, portal, iface), "-o", "new"], NODE)
@@ -145,16 +141,6 @@ class Iscsiadm:
         result = await self.run([*self._node(iqn, portal, iface), "--logout"], LOGOUT,
                                 ok=(0, RC_NO_OBJS_FOUND))
         return result.rc == 0
-
-    # --- sessions --------------------------------------------------------------------------
-
-    async def sessions(self) -> list[iscsi_parse.Session]:
-        result = await self.run(["-m", "session", "-P", "3"], NODE, ok=(0, RC_NO_OBJS_FOUND))
-        return iscsi_parse.parse_session_tree(result.stdout)
-
-    async def rescan(self, sid: int | None = None) -> None:
-        args = ["-m", "session", *(["-r", str(sid)] if sid is not None else []), "-R"]
-        await self.run(args, NODE, ok=(0, RC_NO_OBJS_FOUND))
 
     # --- discovery -------------------------------------------------------------------------
 

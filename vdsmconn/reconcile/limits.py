@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from vdsmconn.host import address
 from vdsmconn.host.command import StuckCommand
 from vdsmconn.model import ConnectionSpec, IscsiSpec, MountSpec, PosixSpec
 
@@ -40,24 +41,21 @@ def remote_host(connection: str) -> str | None:
     list. A path, a device name or anything else without a server part -> None.
     """
     if connection.startswith("//"):
-        host = connection[2:].split("/", 1)[0]
+        host: str | None = connection[2:].split("/", 1)[0]
+    elif connection.startswith("/"):
+        return None
     else:
-        start = connection.find("]") if connection.startswith("[") else 0
-        idx = connection.find(":/", max(start, 0))
-        if idx <= 0 or connection.startswith("/"):
-            return None
-        host = connection[:idx]
-    host = host.rpartition("@")[2]
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host.lower() or None
+        host = address.split_remote(connection)[0]
+    if not host:
+        return None
+    return address.unbracket(host.rpartition("@")[2]).lower() or None
 
 
 def bucket_of(spec: ConnectionSpec) -> str:
     """`server:<host>` for a connection to a remote server, else `local:<type>`."""
     host: str | None = None
     if isinstance(spec, IscsiSpec):
-        host = spec.connection.strip("[]").lower()
+        host = address.unbracket(spec.connection).lower()
     elif isinstance(spec, MountSpec):
         host = remote_host(spec.connection)
         if host is None and not isinstance(spec, PosixSpec):

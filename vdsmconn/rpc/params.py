@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vdsmconn import errors
+from vdsmconn.host import address
 from vdsmconn.model import (
     NFS_VERSIONS,
     SPEC_TYPES,
@@ -265,8 +266,7 @@ def _remote(fields: _Fields) -> str:
     """`server:/path`, IPv6 in brackets: normalized."""
     name = fields.field("connection")
     text = normalized = _source(fields)
-    host, sep, rest = normalized.rpartition(":")
-    host = host if sep else ""
+    host, rest = address.split_remote(normalized)
     if not host or not rest.startswith("/"):
         raise bad_value(name, f"expected server:/path, got {_shown(text)}")
     _check_host(host.split(":")[0] if not host.startswith("[") else host, name)
@@ -345,13 +345,8 @@ def _secret(f: _Fields, name: str) -> Secret | None:
 
 
 def _iscsi(f: _Fields) -> ConnectionSpec:
-    host = get_text(f.required("connection"), f.field("connection"))
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if ":" in host:
-        _check_host(f"[{host}]", f.field("connection"))
-    else:
-        _check_host(host, f.field("connection"))
+    host = address.unbracket(get_text(f.required("connection"), f.field("connection")))
+    _check_host(address.bracket(host), f.field("connection"))
     iqn = _iqn(f, "iqn")
     if iqn is None:
         raise errors.InvalidParams(f"{f.field('iqn')}: missing", {"field": f.field("iqn")})
@@ -434,9 +429,7 @@ def uri_to_dict(uri: str, path: str = "connection") -> dict[str, Any]:
         out[name] = values[0]
     if "netIfaceNames" in out:
         out["netIfaceNames"] = [n for n in out["netIfaceNames"].split(",") if n]
-    host = parts.hostname or ""
-    if host and ":" in host:
-        host = f"[{host}]"
+    host = address.bracket(parts.hostname or "")
     target = urllib.parse.unquote(parts.path)
     if kind == "iscsi":
         out["connection"] = host

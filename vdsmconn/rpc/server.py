@@ -24,6 +24,7 @@ from collections.abc import Coroutine
 from typing import Any, Protocol
 
 from vdsmconn import errors
+from vdsmconn.host import address
 from vdsmconn.rpc import jsonrpc, stompframe
 from vdsmconn.rpc.connection import Connection as Connection
 from vdsmconn.rpc.connection import Limits as Limits
@@ -317,8 +318,7 @@ class TlsServer(_Listener):
         stomp: StompEndpoint | None = None,
     ) -> None:
         super().__init__(dispatcher, limits, stomp)
-        host, _, port = listen.rpartition(":")
-        self._host, self._port = host.strip("[]"), int(port)
+        self._host, self._port = address.split(listen)
         self._context = context
         self._handshake_timeout = handshake_timeout
 

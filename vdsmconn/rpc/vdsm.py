@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vdsmconn import errors, model
-from vdsmconn.host import lvm
+from vdsmconn.host import address, lvm
 from vdsmconn.host.iscsi_parse import read_sessions
 from vdsmconn.rpc import params
 from vdsmconn.rpc.jsonrpc import Method, Session
@@ -326,10 +326,10 @@ def device_info(lun: dict[str, Any], paths: list[PathFacts], pv: dict[str, str] 
     """One of our getDeviceList entries in VDSM's BlockDeviceInfo shape."""
     seen: dict[int, dict[str, str]] = {}
     for s in lun["sessions"]:
-        host, _, port = s["portal"].rpartition(":")
+        host, port = address.split(s["portal"])
         tpgt = tpgts.get(s["sid"])
         seen.setdefault(s["sid"], {
-            "connection": host.strip("[]"), "port": port, "iqn": s["iqn"],
+            "connection": host, "port": str(port), "iqn": s["iqn"],
             "portal": str(1 if tpgt is None else tpgt), "initiatorname": s["iface"]})
     status = "unknown"
     if check and known:
