@@ -170,6 +170,7 @@ def test_rpm_holds_unit_configuration_man_pages_and_scripts(rpm: Path) -> None:
                  "/usr/lib/sysusers.d/vdsmconn.conf", "/usr/lib/vdsmconn/vdsmconn/daemon.py",
                  "/usr/lib/vdsmconn/vendor/os_brick/__init__.py",
                  "/usr/share/doc/vdsmconn/prometheus/alerts.yml",
+                 "/usr/lib/systemd/system-preset/50-vdsmconn.preset",
                  *("/" + page for page in MAN_PAGES)):
         assert path in files, path
     assert not [f for f in files if "site-packages" in f or f.startswith("/usr/lib/.build-id")]
