@@ -47,7 +47,7 @@ PACKAGES = (
     # installs it with apt from this image alone (the guest has no network).
     # debootstrap does not resolve virtual packages: python3-ply provides the
     # python3-ply-lex-3.10 and python3-ply-yacc-3.10 that python3-pycparser (os-brick) needs.
-    "fuse3", "libiscsi-bin", "python3-pyudev", "python3-os-brick", "python3-ply",
+    "fuse3", "libiscsi-bin", "python3-pyudev", "python3-os-brick", "python3-ply", "dmidecode",
 )  # fmt: skip
 
 # Modules the initrd loads (with their dependencies) before it can mount the root disk.

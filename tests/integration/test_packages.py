@@ -21,7 +21,7 @@ MAN_PAGES = ("usr/share/man/man8/vdsmconnd.8.gz", "usr/share/man/man8/vdsmconn.8
              "usr/share/man/man5/vdsmconn.yaml.5.gz")
 BACKEND_TOOLS = ("nfs-common", "glusterfs-client", "fuse3", "open-iscsi", "libiscsi-bin",
                  "multipath-tools", "lvm2")
-DEBIAN_LIBRARIES = ("python3-yaml", "python3-pyudev", "python3-os-brick")
+DEBIAN_DEPENDS = ("python3-yaml", "python3-pyudev", "python3-os-brick", "dmidecode")
 # rpmlint errors that are the distribution's policy rather than the package's layout:
 # packages built here are not signed and carry no packager or (openSUSE's) group tag; the
 # state directory is 0700 on purpose (as the unit's StateDirectoryMode); libiscsi-utils is
@@ -86,7 +86,7 @@ def test_deb_holds_daemon_client_unit_configuration_and_man_pages(deb: Path) -> 
     assert not vendored & {"yaml", "pyudev", "os_brick"}, vendored
     assert "prometheus_client" in vendored  # Debian 12's 0.16 is too old
     fields = run("dpkg-deb", "-f", str(deb), "Depends", "Architecture")
-    for package in (*BACKEND_TOOLS, *DEBIAN_LIBRARIES):
+    for package in (*BACKEND_TOOLS, *DEBIAN_DEPENDS):
         assert re.search(rf"(^|[ ,]){re.escape(package)}([ ,(]|$)", fields, re.M), package
     assert "python3 (<< 3.12)" in fields  # the bundled extension modules are CPython 3.11's
 
