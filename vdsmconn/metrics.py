@@ -41,7 +41,13 @@ from vdsmconn.host import address
 from vdsmconn.host.command import StuckCommand
 from vdsmconn.model import ConnectionKey, ConnectionSpec, State
 from vdsmconn.rpc.jsonrpc import Method, Session
-from vdsmconn.state.actual import CONNECTED_STATES, ActualState, Change, KeyStatus
+from vdsmconn.state.actual import (
+    CONNECTED_STATES,
+    ActualState,
+    Change,
+    KeyStatus,
+    PathStatus,
+)
 from vdsmconn.state.desired import DesiredState
 
 log = logging.getLogger(__name__)
@@ -57,7 +63,6 @@ REASONS: dict[int, str] = {
     480: "timeout", 481: "stale", 925: "managed_volume", 926: "managed_volume",
     927: "managed_volume", 928: "managed_volume", 929: "managed_volume",
 }
-PATH_UP = frozenset({"connected", "up", "active", "logged_in"})
 
 
 def reason(code: int) -> str:
@@ -311,16 +316,9 @@ class _StateCollector(Collector):
                     paths)
 
 
-def _paths(paths: Any) -> list[tuple[str, int]]:
-    """(iface, up) of each path of an iSCSI status, whatever fields the backend fills in."""
-    out = []
-    for p in paths if isinstance(paths, list) else []:
-        if not isinstance(p, dict):
-            continue
-        iface = p.get("iface") or p.get("ifaceName") or p.get("netIfaceName") or "default"
-        state = str(p.get("state", "")).lower()
-        out.append((str(iface), 1 if state in PATH_UP or p.get("connected") is True else 0))
-    return out
+def _paths(paths: tuple[PathStatus, ...] | None) -> list[tuple[str, int]]:
+    """(iface, up) of each path of an iSCSI status."""
+    return [(p.iface or "default", 1 if p.up else 0) for p in paths or ()]
 
 
 class TimedConnector(Connector[Any]):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Collection, Coroutine
@@ -18,11 +19,12 @@ from vdsmconn import __version__, errors
 from vdsmconn.clock import Clock
 from vdsmconn.config import Config
 from vdsmconn.connectors import iscsi_discovery, localfs, mount
-from vdsmconn.connectors.base import Connector
+from vdsmconn.connectors.base import Connector, StepLog
 from vdsmconn.connectors.iscsi import IscsiConnector
 from vdsmconn.connectors.managed import ManagedConnector
 from vdsmconn.host import scope
 from vdsmconn.host.command import CommandRunner
+from vdsmconn.host.iscsi_parse import Target
 from vdsmconn.inventory import Inventory
 from vdsmconn.model import (
     ConnectionKey,
@@ -34,13 +36,20 @@ from vdsmconn.model import (
     State,
 )
 from vdsmconn.reconcile.reconciler import Reconciler
-from vdsmconn.state.actual import ActualState, Change, KeyStatus
+from vdsmconn.state.actual import ActualState, Change
 from vdsmconn.state.desired import DesiredState, Entry
 from vdsmconn.state.store import Delete, DeleteTeardown, Op, Put, PutTeardown, Store
+from vdsmconn.status import (
+    ForeignSession,
+    StateEvent,
+    StatusView,
+    foreign_mount_view,
+    foreign_session_view,
+    key_view,
+)
 
 log = logging.getLogger(__name__)
 
-ERROR_STATES = (State.FAILED, State.STUCK)
 T = TypeVar("T")
 K = TypeVar("K", str, ConnectionKey)
 BACKENDS_TTL = 10.0  # seconds getHostInfo may show a backend's availability unchanged
@@ -62,7 +71,9 @@ class Service:
         self.inventory = Inventory(config, desired, actual, connectors, runner)
         self.started = clock.time()
         self._locks: dict[str, asyncio.Lock] = {}
-        self._backends_cache: tuple[float, dict[str, Any]] | None = None
+        # When the backends were looked at, why each cannot work here (None: it can), and
+        # whether FUSE helpers get scopes.
+        self._backends_cache: tuple[float, dict[str, str | None], dict[str, Any]] | None = None
         self._lock_users: dict[str, int] = {}
         self._changed = asyncio.Event()  # set and replaced on every desired or actual change
         self._changes: set[asyncio.Task[Any]] = set()  # desired-state changes in flight
@@ -132,10 +143,10 @@ class Service:
         if self._changes:
             await asyncio.wait(set(self._changes), timeout=timeout)
 
-    async def manage(self, cid: str, spec: ConnectionSpec) -> dict[str, Any]:
+    async def manage(self, cid: str, spec: ConnectionSpec) -> dict[str, str]:
         return await self._durable(lambda: self._manage(cid, spec), f"manage {cid}")
 
-    async def _manage(self, cid: str, spec: ConnectionSpec) -> dict[str, Any]:
+    async def _manage(self, cid: str, spec: ConnectionSpec) -> dict[str, str]:
         async with self._locked([cid]):
             if self.desired.check_manage(cid, spec):
                 # Applied first, so a concurrent manage of the same key is checked against
@@ -153,10 +164,10 @@ class Service:
                 self._on_change()
         return {"connectionID": cid, "key": str(spec.key)}
 
-    async def update(self, cid: str, spec: ConnectionSpec) -> dict[str, Any]:
+    async def update(self, cid: str, spec: ConnectionSpec) -> dict[str, str]:
         return await self._durable(lambda: self._update(cid, spec), f"update {cid}")
 
-    async def _update(self, cid: str, spec: ConnectionSpec) -> dict[str, Any]:
+    async def _update(self, cid: str, spec: ConnectionSpec) -> dict[str, str]:
         async with self._locked([cid]):
             old = self.desired.get(cid)
             if self.desired.check_update(cid, spec) and old is not None:
@@ -179,11 +190,11 @@ class Service:
                 self._on_change()
         return {"connectionID": cid, "key": str(spec.key)}
 
-    async def unmanage(self, cid: str | None, prefix: str | None) -> dict[str, Any]:
+    async def unmanage(self, cid: str | None, prefix: str | None) -> dict[str, list[str]]:
         what = f"unmanage {cid}" if cid is not None else f"unmanage prefix {prefix}"
         return await self._durable(lambda: self._unmanage(cid, prefix), what)
 
-    async def _unmanage(self, cid: str | None, prefix: str | None) -> dict[str, Any]:
+    async def _unmanage(self, cid: str | None, prefix: str | None) -> dict[str, list[str]]:
         targets = [cid] if cid is not None else self.desired.with_prefix(prefix or "")
         async with self._locked(targets):
             if cid is not None:
@@ -223,45 +234,28 @@ class Service:
 
     # --- statuses ------------------------------------------------------------------------
 
-    def status(self, cid: str) -> dict[str, Any]:
+    def status(self, cid: str) -> StatusView:
         entry = self.desired.get(cid)
         if entry is None:
             raise errors.ConnectionIdNotFound(f"connection ID {cid!r} is not managed",
                                               {"connectionID": cid})
-        return self._status(entry.key, entry.spec, self.actual.get(entry.key))
+        return self._status(entry.key, entry.spec)
 
-    def _status(self, key: ConnectionKey, spec: ConnectionSpec,
-                st: KeyStatus | None) -> dict[str, Any]:
-        state = st.state if st else State.CONNECTING
-        return {
-            "managed": True,
-            "connected": bool(st and st.connected),
-            "state": str(state),
-            "key": str(key),
-            "refs": self.desired.refs(key),
-            "connection": spec.to_wire(),
-            "engineID": spec.engine_id,
-            "lastError": st.last_error.to_wire() if st and st.last_error else None,
-            "lastFailure": st.last_failure.to_wire() if st and st.last_failure else None,
-            "since": st.since if st else None,
-            "attempts": st.attempts if st else 0,
-            "nextRetry": st.next_retry if st else None,
-            "path": (st.path if st else None) or self._mount_point(spec),
-            "paths": st.paths if st else None,
-            "lastCheck": st.last_check if st else None,
-        }
+    def _status(self, key: ConnectionKey, spec: ConnectionSpec) -> StatusView:
+        return key_view(key, spec, self.actual.get(key), self.desired.refs(key),
+                        self._mount_point(spec))
 
     async def list_status(
         self, cids: list[str] | None, prefix: str | None, include_unmanaged: bool,
-    ) -> dict[str, Any]:
+    ) -> dict[str, StatusView]:
         if cids is not None:
             selected = [c for c in cids if self.desired.get(c) is not None]
         else:
             selected = sorted(e.cid for e in self.desired)
         if prefix is not None:
             selected = [c for c in selected if c.startswith(prefix)]
-        by_key: dict[ConnectionKey, dict[str, Any]] = {}
-        out: dict[str, Any] = {}
+        by_key: dict[ConnectionKey, StatusView] = {}
+        out: dict[str, StatusView] = {}
         for cid in selected:
             entry = self.desired.get(cid)
             if entry is None:
@@ -287,36 +281,23 @@ class Service:
         specs += [spec for _, spec in self.reconciler.leaving()]
         return {path for spec in specs if (path := self._mount_point(spec)) is not None}
 
-    def _leaving(self) -> list[dict[str, Any]]:
+    def _leaving(self) -> list[StatusView]:
         """Keys whose last CID went and whose teardown has not finished (a disconnect that
         failed shows here, with its error, until a retry succeeds)."""
-        out = []
-        for key, spec in self.reconciler.leaving():
-            st = self.actual.get(key)
-            if st is not None:
-                out.append({**self._status(key, spec, st), "managed": False, "refs": 0})
-        return out
+        return [dataclasses.replace(self._status(key, spec), managed=False, refs=0)
+                for key, spec in self.reconciler.leaving() if self.actual.get(key) is not None]
 
-    async def unmanaged(self) -> list[dict[str, Any]]:
+    async def unmanaged(self) -> list[StatusView]:
         known = self.managed_paths()
         root = self.config.mount_root
         await self.reconciler.refresh_mounts()
-        found: list[dict[str, Any]] = mount.foreign_mounts(self.reconciler.mounts, root, known)
+        found = mount.foreign_mounts(self.reconciler.mounts, root, known)
         found += await asyncio.to_thread(localfs.foreign_links, root, known)
         now = self.clock.time()
         return self._leaving() + self._unmanaged_sessions(now) + [
-            {
-                "managed": False, "connected": True, "state": str(State.CONNECTED),
-                "key": "file:" + f["path"][len(root.rstrip("/")) + 1 :],
-                "refs": 0, "connection": {k: v for k, v in f.items() if k != "path"},
-                "engineID": None, "lastError": None, "lastFailure": None, "since": None,
-                "attempts": 0, "nextRetry": None,
-                "path": f["path"], "paths": None, "lastCheck": now,
-            }
-            for f in found
-        ]
+            foreign_mount_view(f, root, now) for f in found]
 
-    def _unmanaged_sessions(self, now: float) -> list[dict[str, Any]]:
+    def _unmanaged_sessions(self, now: float) -> list[StatusView]:
         """iSCSI sessions on the host that no managed key uses."""
         iscsi = self.connectors.get("iscsi")
         if not isinstance(iscsi, IscsiConnector):
@@ -324,22 +305,12 @@ class Service:
         specs = [spec for key in self.desired.all_keys()
                  if isinstance(spec := self.desired.spec_of(key), IscsiSpec)]
         specs += [spec for _, spec in self.reconciler.leaving() if isinstance(spec, IscsiSpec)]
-        return [
-            {
-                "managed": False, "connected": x.logged_in,
-                "state": str(State.CONNECTED if x.logged_in else State.FAILED),
-                "key": f"iscsi:{x.address}:{x.port},{x.tpgt},{x.iqn},{x.iface}", "refs": 0,
-                "connection": {"type": "iscsi", "connection": x.address, "port": x.port,
-                               "tpgt": x.tpgt, "iqn": x.iqn, "ifaceName": x.iface},
-                "engineID": None, "lastError": None, "lastFailure": None, "since": None,
-                "attempts": 0, "nextRetry": None,
-                "path": None, "paths": None, "lastCheck": now,
-            }
-            for x in iscsi.unmanaged(specs)
-        ]
+        return [foreign_session_view(ForeignSession(x.address, x.port, x.tpgt, x.iqn, x.iface),
+                                     x.logged_in, now)
+                for x in iscsi.unmanaged(specs)]
 
     async def discover(self, host: str, port: int, user: str | None, password: Secret | None,
-                       ipv6_enabled: bool) -> list[dict[str, Any]]:
+                       ipv6_enabled: bool) -> list[Target]:
         """iSCSI sendtargets discovery: `[{portal, tpgt, iqn}]`."""
         iscsi = self.connectors["iscsi"]
         if not isinstance(iscsi, IscsiConnector):
@@ -348,16 +319,14 @@ class Service:
             iscsi.adm, host, port, user, password, ipv6_enabled,
             self.config.supervisor.probe_timeout)
 
-    async def wait(self, cids: list[str], timeout: float, until: str) -> dict[str, Any]:
+    async def wait(self, cids: list[str], timeout: float, until: str) -> dict[str, StatusView]:
         for cid in cids:
             self.status(cid)  # 479 for an unknown CID, before waiting
 
-        def done(statuses: dict[str, Any]) -> bool:
-            if all(s["connected"] for s in statuses.values()):
+        def done(statuses: dict[str, StatusView]) -> bool:
+            if all(s.connected for s in statuses.values()):
                 return True
-            return until == "error" and any(
-                s["state"] in ERROR_STATES for s in statuses.values()
-            )
+            return until == "error" and any(s.failed for s in statuses.values())
 
         try:
             async with asyncio.timeout(timeout):
@@ -370,7 +339,7 @@ class Service:
         except TimeoutError:
             statuses = {cid: self.status(cid) for cid in cids}
             raise errors.Timeout(
-                f"not {until} within {timeout:g} s", statuses
+                f"not {until} within {timeout:g} s", {c: v.to_wire() for c, v in statuses.items()}
             ) from None
 
     async def wait_settled(self, cids: list[str], since: float, timeout: float,
@@ -439,7 +408,7 @@ class Service:
 
     # --- checks and information ----------------------------------------------------------
 
-    async def test(self, spec: ConnectionSpec, timeout: float) -> dict[str, Any]:
+    async def test(self, spec: ConnectionSpec, timeout: float) -> StepLog:
         # The connector's own steps say what is missing: an NFS connectivity test needs no
         # mount helper, a backend that cannot work here reports so as its first step.
         connector = self.connectors[spec.TYPE]
@@ -449,7 +418,7 @@ class Service:
         except TimeoutError:
             raise errors.Timeout(f"connectivity test did not finish within {timeout:g} s") \
                 from None
-        return steps.to_wire()
+        return steps
 
     async def connector_info(self, refresh: bool) -> dict[str, Any]:
         """os-brick's connector properties of this host, for arrays to export volumes to."""
@@ -459,6 +428,7 @@ class Service:
         return await managed.connector_info(refresh)
 
     def host_info(self) -> dict[str, Any]:
+        backends, fuse_scope = self._backends()
         counts: dict[str, int] = {str(s): 0 for s in State}
         for key in self.desired.all_keys():
             st = self.actual.get(key)
@@ -468,38 +438,27 @@ class Service:
             "pid": os.getpid(),
             "uptime": round(self.clock.time() - self.started, 3),
             "mountRoot": self.config.mount_root,
-            "backends": {k: v for k, v in self._backends().items() if k != "fuseScope"},
-            "fuseScope": self._backends()["fuseScope"],
+            "backends": {name: {"available": reason is None, "reason": reason}
+                         for name, reason in backends.items()},
+            "fuseScope": fuse_scope,
             "connectionIDs": len(self.desired),
             "keys": len(self.desired.all_keys()),
             "states": counts,
         }
 
-    def _backends(self) -> dict[str, Any]:
-        """Backend availability and FUSE scopes (PATH lookups, stat calls), worked out at
-        most every 10 s."""
+    def _backends(self) -> tuple[dict[str, str | None], dict[str, Any]]:
+        """Why each backend cannot work here (None: it can), and whether FUSE mount helpers
+        get scopes: PATH lookups and stat calls, worked out at most every 10 s."""
         now = self.clock.monotonic()
         if self._backends_cache is None or now - self._backends_cache[0] > BACKENDS_TTL:
-            table = {}
-            for name, connector in self.connectors.items():
-                reason = connector.available()
-                table[name] = {"available": reason is None, "reason": reason}
-            table["fuseScope"] = scope.describe(self.config.scope_slice)
-            self._backends_cache = (now, table)
-        return self._backends_cache[1]
+            reasons = {name: c.available() for name, c in self.connectors.items()}
+            self._backends_cache = (now, reasons, scope.describe(self.config.scope_slice))
+        return self._backends_cache[1], self._backends_cache[2]
 
-    def subscribe_changes(self, listener: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
-        """Call `listener` with a storageServerStateChanged body on every key change."""
+    def subscribe_changes(self, listener: Callable[[StateEvent], None]) -> Callable[[], None]:
+        """Call `listener` with a storageServerStateChanged event on every key change."""
 
         def on_change(change: Change) -> None:
-            st = change.status
-            listener({
-                "connectionIDs": self.cids_of(change.key),
-                "key": str(change.key),
-                "oldState": str(change.old) if change.old else None,
-                "newState": str(change.new) if change.new else None,
-                "lastError": st.last_error.to_wire() if st and st.last_error else None,
-                "time": change.time,
-            })
+            listener(StateEvent.of(change, self.cids_of(change.key)))
 
         return self.actual.listen(on_change)

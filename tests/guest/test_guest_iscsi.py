@@ -84,7 +84,8 @@ async def _discover(host: str, user: str | None = None,
                     password: Secret | None = None) -> list[dict[str, Any]]:
     runner = CommandRunner()
     try:
-        return await discover_send_targets(Iscsiadm(runner, 60), host, 3260, user, password)
+        found = await discover_send_targets(Iscsiadm(runner, 60), host, 3260, user, password)
+        return [t.to_wire() for t in found]
     finally:
         await runner.close()
 
@@ -320,7 +321,7 @@ async def _bond_scenario(t: IscsiTarget, multipath: Multipath) -> None:
         # l1 is not the route to the portal: strict reverse-path filtering would drop the
         # portal's replies there; it is loose while the session uses it.
         assert rp_filter(l1.host) == "2" and rp_filter(l0.host) == "1"
-        assert [(p["iface"], p["netdev"], p["state"]) for p in found.paths] == [
+        assert [(p.iface, p.netdev, p.state) for p in found.paths] == [
             (l0.host, l0.host, "up"), (l1.host, l1.host, "up")]
         assert sysfs_sessions(t.iqn) == {l0.host: "LOGGED_IN", l1.host: "LOGGED_IN"}
         ll = await asyncio.to_thread(multipath.wait_for_paths, 2, 60)
@@ -335,7 +336,7 @@ async def _bond_scenario(t: IscsiTarget, multipath: Multipath) -> None:
             assert time.monotonic() - down_at < 5, "not degraded within 5 s"
             await asyncio.sleep(0.005)
         degraded_s = time.monotonic() - down_at
-        assert now.paths is not None and [p["state"] for p in now.paths] == ["up", "down"]
+        assert now.paths is not None and [p.state for p in now.paths] == ["up", "down"]
 
         # Link up: iscsid recovers the session; the path is up again.
         up_at = time.monotonic()

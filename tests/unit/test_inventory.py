@@ -75,7 +75,7 @@ async def test_one_entry_per_lun_with_every_session_and_cid(host: FakeHost) -> N
     host.dm("dm-0", "mpatha", f"mpath-3{NAA}", ["sdb", "sdc"])
     bond = IscsiSpec(connection="10.77.4.2", iqn=IQN, tpgt=1, netIfaceNames=("eth1", "eth2"))
     inv = inventory(host, {"a": bond, "b": bond})
-    found = await inv.devices(None)
+    found = (await inv.devices(None)).to_wire()
     (lun,) = found["devices"]
     assert found["errors"] == []
     assert (lun["path"], lun["wwid"], lun["devices"], lun["connectionIDs"]) == (
@@ -97,16 +97,16 @@ async def test_hung_device_is_480_while_the_others_answer(host: FakeHost) -> Non
                            "b": IscsiSpec(connection="10.77.4.2", iqn=IQN2)})
     with hanging(block / "size"):
         start = time.monotonic()
-        found = await inv.devices(None)
+        found = (await inv.devices(None)).to_wire()
         seconds = time.monotonic() - start
         # Asked again while the read still hangs: 480 at once, no second thread.
         start = time.monotonic()
-        again = await inv.devices(["b"])
+        again = (await inv.devices(["b"])).to_wire()
         assert time.monotonic() - start < 0.2
         assert "an earlier read has not returned yet" in again["devices"][0]["error"]["message"]
         assert [t.name for t in threading.enumerate()].count("probe reading /sys of sdc") == 1
         # Block domains: LVM is not shown the device it could not read; the reply says so.
-        domains = await inv.domains(["b"])
+        domains = (await inv.domains(["b"])).to_wire()
         assert domains["domains"] == [] and runner_calls(inv) == []
         (problem,) = domains["errors"]
         assert problem["path"] == "/dev/sdc" and problem["error"]["code"] == 480
@@ -121,11 +121,11 @@ async def test_hung_device_is_480_while_the_others_answer(host: FakeHost) -> Non
 async def test_connections_without_devices(host: FakeHost) -> None:
     inv = inventory(host, {"i": IscsiSpec(connection="10.77.4.2", iqn=IQN),
                            "f": MountSpec(vfs_type="tmpfs", connection="x")})
-    found = await inv.devices(None)
+    found = (await inv.devices(None)).to_wire()
     assert found["devices"] == []
     (problem,) = found["errors"]
     assert problem["connectionIDs"] == ["i"] and problem["error"]["code"] == 451
     assert "has no session on this host" in problem["error"]["message"]
-    assert await inv.devices(["f"]) == {"devices": [], "errors": []}
+    assert (await inv.devices(["f"])).to_wire() == {"devices": [], "errors": []}
     with pytest.raises(errors.ConnectionIdNotFound):
         await inv.devices(["f", "nosuch"])

@@ -11,6 +11,7 @@ import os
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,6 +25,7 @@ from vdsmconn.host.command import Arg, Result
 from vdsmconn.host.fakerunner import FakeRunner
 from vdsmconn.host.iscsiadm import Iscsiadm
 from vdsmconn.model import MASK, IscsiSpec, Secret
+from vdsmconn.state.actual import PathStatus
 
 IQN = "iqn.2003-01.org.vdsmconn.test:t1"
 PASSWORD = "s3cr3t-Pa55word"
@@ -75,6 +77,11 @@ class HostRunner(FakeRunner):
                         session.joinpath("ifacename").write_text("gone\n")
             return result
         return await super().run(argv, timeout=timeout, input=input, check=check, env=env)
+
+
+def wire(paths: Sequence[PathStatus] | None) -> list[dict[str, Any]]:
+    """The `paths` of a status as a client reads them."""
+    return [p.to_wire() for p in paths or ()]
 
 
 def disk_node(sysfs: Path, disk: str) -> Path:
@@ -168,9 +175,9 @@ async def test_connect_sets_up_node_then_logs_in(sysfs: Path, runner: HostRunner
         (*node, "--login"),
     ]
     assert found.paths is not None and not found.degraded
-    assert [(p["iface"], p["netdev"], p["state"]) for p in found.paths] == [
+    assert [(p["iface"], p["netdev"], p["state"]) for p in wire(found.paths)] == [
         ("default", None, "up")]
-    assert found.path == "/dev/sdb" and found.paths[0]["devices"] == ["/dev/sdb"]
+    assert found.path == "/dev/sdb" and wire(found.paths)[0]["devices"] == ["/dev/sdb"]
     assert c.present(s) is not None
     # The password is in no log line (the fake runner logs nothing: mask_argv is the path).
     assert PASSWORD not in caplog.text
@@ -205,7 +212,7 @@ async def test_bond_one_path_per_interface_missing_skipped(sysfs: Path,
     s = spec(netIfaceNames=("eth1", "ethX", "eth2"))
     found = await c.connect(s)
     assert found.paths is not None
-    assert [(p["iface"], p["netdev"], p["state"]) for p in found.paths] == [
+    assert [(p["iface"], p["netdev"], p["state"]) for p in wire(found.paths)] == [
         ("eth1", "eth1", "up"), ("eth2", "eth2", "up")]
     assert ("iscsiadm", "-m", "iface", "-I", "eth1", "-o", "new") in runner.argvs
     assert ("iscsiadm", "-m", "iface", "-I", "eth1", "-o", "update", "-n",
@@ -216,7 +223,7 @@ async def test_bond_one_path_per_interface_missing_skipped(sysfs: Path,
     assert c.link_changed("eth2", up=False) == [s.key]
     now = c.present(s)
     assert now is not None and now.degraded
-    assert now.paths is not None and [p["state"] for p in now.paths] == ["up", "down"]
+    assert now.paths is not None and [p["state"] for p in wire(now.paths)] == ["up", "down"]
 
 
 async def test_bond_without_any_interface_uses_default(sysfs: Path,
@@ -224,7 +231,7 @@ async def test_bond_without_any_interface_uses_default(sysfs: Path,
     expect_setup(runner)
     c = make(sysfs, runner)
     found = await c.connect(spec(netIfaceNames=("nope0", "nope1")))
-    assert found.paths is not None and [p["iface"] for p in found.paths] == ["default"]
+    assert found.paths is not None and [p["iface"] for p in wire(found.paths)] == ["default"]
 
 
 async def test_bond_some_present_all_fail_is_failed(sysfs: Path, runner: HostRunner) -> None:
@@ -245,7 +252,7 @@ async def test_bond_one_path_failing_is_degraded(sysfs: Path, runner: HostRunner
     c = make(sysfs, runner)
     found = await c.connect(spec(netIfaceNames=("eth1", "eth2")))
     assert found.degraded and found.paths is not None
-    down = found.paths[1]
+    down = wire(found.paths)[1]
     assert down["state"] == "down" and down["lastError"]["code"] == 465
 
 
@@ -269,7 +276,7 @@ async def test_initiator_name_gets_an_iface_of_its_own(sysfs: Path,
     iface = initiator_iface(name)
     assert iface.startswith("vdsmconn-") and iface != initiator_iface(name + "x")
     found = await c.connect(spec(initiatorName=name))
-    assert found.paths is not None and [p["iface"] for p in found.paths] == [iface]
+    assert found.paths is not None and [p["iface"] for p in wire(found.paths)] == [iface]
     assert runner.argvs[:3] == [
         ("iscsiadm", "-m", "iface"),
         ("iscsiadm", "-m", "iface", "-I", iface, "-o", "new"),
@@ -369,7 +376,7 @@ def states(c: IscsiConnector, s: IscsiSpec) -> tuple[bool, list[tuple[str, int |
     found = c.present(s)
     assert found is not None and found.paths is not None
     return found.degraded, [(p["state"], p["lastError"] and p["lastError"]["code"])
-                            for p in found.paths]
+                            for p in wire(found.paths)]
 
 
 def probe_threads(disk: str) -> int:
@@ -451,12 +458,13 @@ async def test_discovery_record_deleted_chap_masked_ipv6_dropped(
     runner.expect(record, prefix=True)
     adm = Iscsiadm(runner, 10)
     found = await discover_send_targets(adm, "10.77.4.2", 3260, "u", Secret(PASSWORD))
-    assert found == [{"portal": "10.77.4.2:3260", "tpgt": 1, "iqn": "iqn.x:a"}]
+    assert [t.to_wire() for t in found] == [
+        {"portal": "10.77.4.2:3260", "tpgt": 1, "iqn": "iqn.x:a"}]
     assert runner.argvs[-1] == (*record, "-o", "delete")
     assert (*record, "-o", "update", "-n", "discovery.sendtargets.auth.password", "-v",
             PASSWORD) in runner.argvs
     both = await discover_send_targets(adm, "10.77.4.2", 3260, ipv6_enabled=True)
-    assert [t["portal"] for t in both] == ["10.77.4.2:3260", "[fd00::2]:3260"]
+    assert [t.portal for t in both] == ["10.77.4.2:3260", "[fd00::2]:3260"]
     # A failed discovery still deletes its record, and reports 476 for CHAP.
     runner.expectations.insert(0, runner.expectations[0].__class__(
         (*record, "--discover", "-o", "nonpersistent"), rc=19,
@@ -553,7 +561,7 @@ async def test_probe_logs_missing_path_in_again_without_setup(sysfs: Path,
     assert runner.argvs[calls:] == [(*node, "--login")]  # set up already: the login alone
     after = c.present(s)
     assert after is not None and after.paths is not None
-    assert [p["state"] for p in after.paths] == ["down", "up"]
+    assert [p["state"] for p in wire(after.paths)] == ["down", "up"]
 
 
 async def test_session_failed_beyond_probe_timeout_is_logged_out_and_in(

@@ -10,7 +10,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.unit.test_iscsi_connector import IQN, HostRunner, disk_node, expect_setup, netdev
+from tests.unit.test_iscsi_connector import (
+    IQN,
+    HostRunner,
+    disk_node,
+    expect_setup,
+    netdev,
+    wire,
+)
 from vdsmconn import config
 from vdsmconn.clock import FakeClock
 from vdsmconn.connectors.base import HostContext
@@ -55,9 +62,10 @@ async def test_bond_with_a_failing_path_is_degraded(tmp_path: Path) -> None:
                     and st.state == State.DEGRADED)
         st = rec.actual.get(spec.key)
         assert st is not None and st.connected and st.paths is not None
-        assert [(p["iface"], p["state"]) for p in st.paths] == [("eth1", "up"), ("eth2", "down")]
-        assert st.paths[1]["lastError"]["code"] == 465
-        assert "could not connect to iscsid" in st.paths[1]["lastError"]["message"]
+        assert [(p["iface"], p["state"]) for p in wire(st.paths)] == [("eth1", "up"),
+                                                                        ("eth2", "down")]
+        assert wire(st.paths)[1]["lastError"]["code"] == 465
+        assert "could not connect to iscsid" in wire(st.paths)[1]["lastError"]["message"]
         rec.desired.apply_delete("c")
         rec.kick(spec.key)
         await until(lambda: rec.actual.get(spec.key) is None)
@@ -114,14 +122,14 @@ async def test_disk_that_stops_answering_fails_the_key_until_it_answers(
         assert (st.last_error.code, st.last_error.message) == (
             481, "/dev/sdb does not answer: No such file or directory")
         assert not any("--logout" in argv for argv in runner.argvs)  # left logged in
-        assert st.paths is not None and [p["state"] for p in st.paths] == ["down"]
+        assert st.paths is not None and [p["state"] for p in wire(st.paths)] == ["down"]
         disk_node(sysfs, "sdb")  # it answers again
         await clock.advance(st.next_retry - clock.time())
         await until(lambda: (st := rec.actual.get(spec.key)) is not None
                     and st.state == State.CONNECTED)
         st = rec.actual.get(spec.key)
         assert st is not None and st.paths is not None and st.last_error is None
-        assert [p["state"] for p in st.paths] == ["up"]
+        assert [p["state"] for p in wire(st.paths)] == ["up"]
         assert sum("--login" in argv for argv in runner.argvs) == 1  # the same session
     finally:
         await rec.close()

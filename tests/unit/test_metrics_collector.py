@@ -18,7 +18,7 @@ from vdsmconn import errors, metrics
 from vdsmconn.connectors.base import Connected, Connector, HostContext, StepLog
 from vdsmconn.model import ConnectionKey, ConnectionSpec, MountSpec, State
 from vdsmconn.rpc import jsonrpc
-from vdsmconn.state.actual import ActualState, ErrorInfo
+from vdsmconn.state.actual import ActualState, ErrorInfo, PathStatus
 from vdsmconn.state.desired import DesiredState
 
 CONTRIB = Path(__file__).resolve().parents[2] / "contrib" / "prometheus"
@@ -111,8 +111,8 @@ def test_iscsi_paths_are_reported_per_iface(
     _desired, actual, m = state
     key = ConnectionKey("iscsi", "10.0.0.1:3260,1,iqn.2003-01.org.example:t1")
     m.remember_type(key, "iscsi")
-    actual.set_state(key, State.DEGRADED, 1.0, paths=[
-        {"iface": "eth1", "state": "connected"}, {"iface": "eth2", "state": "failed"}])
+    actual.set_state(key, State.DEGRADED, 1.0, paths=(
+        PathStatus("eth1", "eth1", "up"), PathStatus("eth2", "eth2", "down")))
     found = samples(m.registry)
     lv = {"type": "iscsi", "target": str(key)}
     assert value(found, "vdsmconn_iscsi_path_up", iface="eth1", **lv) == 1

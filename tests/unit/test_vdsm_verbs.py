@@ -18,6 +18,8 @@ from tests.unit.test_iscsi_connector import netdev
 from tests.unit.test_iscsi_parse import write_session
 from vdsmconn import config, errors
 from vdsmconn.host.fakerunner import FakeRunner
+from vdsmconn.host.iscsi_parse import Target
+from vdsmconn.inventory import DomainEntry
 from vdsmconn.model import IscsiSpec, NfsSpec, PosixSpec
 from vdsmconn.rpc import vdsm
 from vdsmconn.service import Service
@@ -125,25 +127,23 @@ def test_status_codes_and_list() -> None:
     assert vdsm.status_of(errors.MountError("x")) == 477
     assert vdsm.status_of(errors.ConnectionConflict("x")) == 453
     conns = [vdsm.EngineConnection(ID, f"vdsm:{ID}"), vdsm.EngineConnection(ID2, f"vdsm:{ID2}")]
-    assert vdsm.statuslist(conns, [0, 480]) == [{"id": ID, "status": 0},
-                                                {"id": ID2, "status": 480}]
+    assert [s.to_wire() for s in vdsm.statuslist(conns, [0, 480])] == [
+        {"id": ID, "status": 0}, {"id": ID2, "status": 480}]
 
 
 # --- discovery and domains -------------------------------------------------------------------
 
 
 def test_send_targets_as_vdsm_prints_them() -> None:
-    assert vdsm.send_target({"portal": "10.0.0.1:3260", "tpgt": 1, "iqn": IQN}) == \
-        f"10.0.0.1:3260,1 {IQN}"
-    assert vdsm.send_target({"portal": "[fd00::1]:3261", "tpgt": 2, "iqn": IQN}) == \
-        f"[fd00::1]:3261,2 {IQN}"
-    assert vdsm.send_target({"portal": "h:3260", "tpgt": None, "iqn": IQN}) == f"h:3260,1 {IQN}"
+    assert vdsm.send_target(Target("10.0.0.1", 3260, 1, IQN)) == f"10.0.0.1:3260,1 {IQN}"
+    assert vdsm.send_target(Target("fd00::1", 3261, 2, IQN)) == f"[fd00::1]:3261,2 {IQN}"
+    assert vdsm.send_target(Target("h", 3260, None, IQN)) == f"h:3260,1 {IQN}"
 
 
 def domain(type_: str = "NFS", cls: str = "Data", pool: str = "",
-           paths: tuple[str, ...] = ("/mnt/srv:_exp/sd",)) -> dict[str, Any]:
-    return {"sdUUID": "sd", "type": "file", "paths": list(paths),
-            "metadata": {"TYPE": type_, "CLASS": cls, "POOL_UUID": pool}}
+           paths: tuple[str, ...] = ("/mnt/srv:_exp/sd",)) -> DomainEntry:
+    return DomainEntry("sd", {"TYPE": type_, "CLASS": cls, "POOL_UUID": pool},
+                       paths=list(paths))
 
 
 def test_storage_domain_filters() -> None:
@@ -200,6 +200,12 @@ def bonded_lun(host: FakeHost) -> Service:
     return cast(Service, SimpleNamespace(inventory=inv, config=inv.config))
 
 
+async def wire_devices(service: Service, kind: str | None, guids: list[str],
+                       check: bool) -> list[dict[str, Any]]:
+    """vdsm.device_list as the engine reads it."""
+    return [d.to_wire() for d in await vdsm.device_list(service, kind, guids, check)]
+
+
 def runner(service: Service) -> FakeRunner:
     assert isinstance(service.inventory.runner, FakeRunner)
     return service.inventory.runner
@@ -212,7 +218,7 @@ async def test_device_list_in_vdsm_shape(tmp_path: Path) -> None:
         {"pv_name": "/dev/mapper/mpatha", "pv_uuid": "pv-1", "pv_size": "2147483648",
          "vg_uuid": "vg-1"}))
     (dev,) = await vdsm.device_list(service, None, [], check=True)
-    assert dev == {
+    assert dev.to_wire() == {
         "GUID": f"3{NAA}", "capacity": str(2 * 1024**3), "devtype": "iSCSI", "fwrev": "4.0",
         "serial": "SLIO-ORG_lun0_0d845a10-5859", "vendorID": "LIO-ORG", "productID": "lun0",
         "logicalblocksize": "512", "physicalblocksize": "512",
@@ -239,12 +245,12 @@ async def test_device_status_free_unknown_and_filters(tmp_path: Path) -> None:
     fake = runner(service)
     fake.expect(["lvm", "pvs"], prefix=True, stdout=pvs_report(), times=2)
     fake.expect(["lvm", "pvs"], prefix=True, rc=5, stderr="lvm broke")
-    (free,) = await vdsm.device_list(service, "ISCSI", [f"3{NAA}"], check=True)
+    (free,) = await wire_devices(service, "ISCSI", [f"3{NAA}"], check=True)
     assert (free["status"], free["pvUUID"], free["vgUUID"], free["pvsize"]) == (
         "free", "", "", "")
-    (unchecked,) = await vdsm.device_list(service, None, [], check=False)
+    (unchecked,) = await wire_devices(service, None, [], check=False)
     assert unchecked["status"] == "unknown"
-    (unknown,) = await vdsm.device_list(service, None, [], check=True)  # pvs fails now
+    (unknown,) = await wire_devices(service, None, [], check=True)  # pvs fails now
     assert unknown["status"] == "unknown" and unknown["pvUUID"] == ""
     assert await vdsm.device_list(service, None, ["3nosuchguid"], check=False) == []
     assert await vdsm.device_list(service, "FCP", [], check=False) == []
@@ -252,7 +258,7 @@ async def test_device_status_free_unknown_and_filters(tmp_path: Path) -> None:
     (host.sys / "block" / "dm-0").resolve().joinpath("holders", "dm-1").mkdir()
     fake.expect(["lvm", "pvs"], prefix=True, stdout=pvs_report())
     fake.expectations.reverse()  # the good answer first
-    (held,) = await vdsm.device_list(service, None, [], check=True)
+    (held,) = await wire_devices(service, None, [], check=True)
     assert held["status"] == "used"
 
 

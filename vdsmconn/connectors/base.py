@@ -15,6 +15,7 @@ from vdsmconn.host.kernel import Kernel
 from vdsmconn.host.mountinfo import Mount
 from vdsmconn.host.probe import Probes
 from vdsmconn.model import ConnectionSpec
+from vdsmconn.state.actual import PathStatus
 from vdsmconn.state.store import Store
 
 S = TypeVar("S", bound=ConnectionSpec)
@@ -38,7 +39,7 @@ class Connected:
     """What a successful connect or adoption reports."""
 
     path: str | None = None
-    paths: list[dict[str, Any]] | None = None
+    paths: tuple[PathStatus, ...] | None = None
     degraded: bool = False
 
 

@@ -29,12 +29,10 @@ from vdsmconn.connectors import iscsi_discovery
 from vdsmconn.connectors.base import Connected, Connector, HostContext, StepLog
 from vdsmconn.connectors.iscsi_paths import (
     DEFAULT_IFACE,
-    DOWN,
     PROC_CONF,
-    UP,
     DiskReader,
+    IscsiPath,
     PathPlan,
-    PathStatus,
     RpFilter,
     SessionRef,
     best_error,
@@ -48,6 +46,7 @@ from vdsmconn.host import iscsi_parse
 from vdsmconn.host.iscsi_parse import Session
 from vdsmconn.host.iscsiadm import Iscsiadm
 from vdsmconn.model import ConnectionKey, IscsiSpec
+from vdsmconn.state.actual import DOWN, UP
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +67,7 @@ class IscsiConnector(Connector[IscsiSpec]):
         self._setup: asyncio.Lock | None = None
         self._addresses: dict[ConnectionKey, str] = {}
         self._plans: dict[ConnectionKey, list[PathPlan]] = {}
-        self._paths: dict[ConnectionKey, dict[str, PathStatus]] = {}
+        self._paths: dict[ConnectionKey, dict[str, IscsiPath]] = {}
         self._users: dict[SessionRef, set[ConnectionKey]] = {}
         self._failed_since: dict[SessionRef, float] = {}
         self._set_up: set[tuple[ConnectionKey, str]] = set()  # node records ready for login
@@ -111,9 +110,9 @@ class IscsiConnector(Connector[IscsiSpec]):
     def _sessions(self) -> list[Session]:
         return iscsi_parse.read_sessions(self.sysfs)
 
-    def _statuses(self, spec: IscsiSpec, plans: list[PathPlan]) -> dict[str, PathStatus]:
+    def _statuses(self, spec: IscsiSpec, plans: list[PathPlan]) -> dict[str, IscsiPath]:
         old = self._paths.get(spec.key, {})
-        new = {p.iface: old.get(p.iface) or PathStatus(p.iface, p.netdev) for p in plans}
+        new = {p.iface: old.get(p.iface) or IscsiPath(p.iface, p.netdev) for p in plans}
         self._paths[spec.key] = new
         return new
 
@@ -155,13 +154,13 @@ class IscsiConnector(Connector[IscsiSpec]):
         deadline = time.monotonic() + SCAN_WAIT
         while True:
             found = self.present(spec)
-            if found is None or any(p["devices"] for p in found.paths or ()) or \
+            if found is None or any(p.devices for p in found.paths or ()) or \
                     time.monotonic() > deadline:  # a down path's disks count: they are there
                 return found
             await asyncio.sleep(0.05)
 
     async def _bring_up(self, spec: IscsiSpec, address: str, plans: list[PathPlan],
-                        statuses: dict[str, PathStatus]) -> None:
+                        statuses: dict[str, IscsiPath]) -> None:
         """Node setup one path at a time, then the logins in parallel (bounded)."""
         ready: list[tuple[PathPlan, bool]] = []
         async with self.setup_lock:
@@ -239,7 +238,7 @@ class IscsiConnector(Connector[IscsiSpec]):
                 f"{spec.initiatorName}; not changing it", {"iface": plan.iface})
 
     async def _login(self, spec: IscsiSpec, address: str, plan: PathPlan, created: bool,
-                     status: PathStatus) -> None:
+                     status: IscsiPath) -> None:
         portal = node_portal(spec, address)
         try:
             async with self.logins:
@@ -285,10 +284,10 @@ class IscsiConnector(Connector[IscsiSpec]):
         if not found:
             return None
         self._plans.setdefault(spec.key, plans)
-        paths = [statuses[p.iface].to_wire() for p in plans]
-        devices = [d for p in paths if p["state"] == UP for d in p["devices"]]
+        paths = tuple(statuses[p.iface].snapshot() for p in plans)
+        devices = [d for p in paths if p.up for d in p.devices]
         return Connected(path=devices[0] if devices else None, paths=paths,
-                         degraded=any(p["state"] == DOWN for p in paths))
+                         degraded=any(p.state == DOWN for p in paths))
 
     async def probe(self, spec: IscsiSpec) -> None:
         address = self._address(spec)
@@ -322,7 +321,7 @@ class IscsiConnector(Connector[IscsiSpec]):
                 f"no path to {spec.iqn} at {spec.portal} is up")
 
     async def _check_paths(self, spec: IscsiSpec, address: str, plans: list[PathPlan],
-                           statuses: dict[str, PathStatus]) -> None:
+                           statuses: dict[str, IscsiPath]) -> None:
         """A direct read of every disk of every logged-in path whose link is up, all at once
         (a path whose link is down is left: a read through it would wait for the session)."""
         sessions = self._sessions()

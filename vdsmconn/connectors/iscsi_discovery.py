@@ -20,13 +20,13 @@ import shutil
 import socket
 import time
 import urllib.parse
-from typing import Any
 
 from vdsmconn import errors
 from vdsmconn.connectors.base import StepLog
 from vdsmconn.host import probe
 from vdsmconn.host.address import join, unbracket
 from vdsmconn.host.command import CommandRunner, tail
+from vdsmconn.host.iscsi_parse import Target
 from vdsmconn.host.iscsiadm import Iscsiadm
 from vdsmconn.model import IscsiSpec, Secret
 
@@ -69,15 +69,14 @@ async def resolve(host: str, timeout: float) -> str:
 async def discover_send_targets(
     adm: Iscsiadm, host: str, port: int = 3260, user: str | None = None,
     password: Secret | None = None, ipv6_enabled: bool = False, resolve_timeout: float = 10.0,
-) -> list[dict[str, Any]]:
-    """`[{portal, tpgt, iqn}]` of a sendtargets discovery; errors 475 (476: CHAP rejected)."""
+) -> list[Target]:
+    """The targets of a sendtargets discovery; errors 475 (476: CHAP rejected)."""
     try:
         address = await resolve(host, resolve_timeout)
     except errors.ConnectError as e:
         raise errors.IscsiDiscoveryError(e.message) from None
     targets = await adm.discover(join(address, port), user, password)
-    return [t.to_wire() for t in targets
-            if ipv6_enabled or ":" not in t.address]
+    return [t for t in targets if ipv6_enabled or ":" not in t.address]
 
 
 def initiator_name(spec: IscsiSpec) -> str:

@@ -20,7 +20,6 @@ import mmap
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from vdsmconn import errors
 from vdsmconn.host.address import join, same_host, unbracket
@@ -28,12 +27,12 @@ from vdsmconn.host.command import CommandRunner
 from vdsmconn.host.iscsi_parse import Session
 from vdsmconn.host.probe import Probes
 from vdsmconn.model import IscsiSpec
+from vdsmconn.state.actual import DOWN, ErrorInfo, PathStatus
 
 log = logging.getLogger(__name__)
 
 DEFAULT_IFACE = "default"
 LINK_DOWN_STATES = ("down", "lowerlayerdown", "notpresent", "dormant")
-UP, DOWN = "up", "down"
 
 
 @dataclass(frozen=True)
@@ -43,8 +42,9 @@ class PathPlan:
 
 
 @dataclass
-class PathStatus:
-    """What the status shows of one path (`paths` entries)."""
+class IscsiPath:
+    """What is known of one path: its state, last error, session and disks (the status
+    shows a `PathStatus` of it)."""
 
     iface: str
     netdev: str | None
@@ -75,14 +75,13 @@ class PathStatus:
     def usable(self, sid: int) -> bool:
         return self.unanswered != sid
 
-    def to_wire(self) -> dict[str, Any]:
+    def snapshot(self) -> PathStatus:
         error = None
         if self.last_error is not None:
-            error = {"code": self.last_error.code, "message": self.last_error.message,
-                     "time": self.error_time}
-        return {"iface": self.iface, "netdev": self.netdev, "state": self.state,
-                "lastError": error, "session": self.session,
-                "devices": [f"/dev/{d}" for d in self.devices]}
+            error = ErrorInfo(self.last_error.code, self.last_error.message,
+                              self.error_time or 0.0)
+        return PathStatus(self.iface, self.netdev, self.state, error, self.session,
+                          tuple(f"/dev/{d}" for d in self.devices))
 
 
 def netdev_exists(name: str, sysfs: str) -> bool:
@@ -268,7 +267,7 @@ class DiskReader:
         self.timeout = timeout
         self.dev = dev
 
-    async def check(self, session: Session, status: PathStatus) -> None:
+    async def check(self, session: Session, status: IscsiPath) -> None:
         """Read every disk of `session` at once; the path is down while one does not answer."""
         if not session.disks:
             return

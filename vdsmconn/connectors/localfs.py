@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
-from typing import Any
 
 from vdsmconn import errors
 from vdsmconn.connectors.base import Connected, Connector, StepLog
 from vdsmconn.host.links import make_link, remove_link
 from vdsmconn.model import LocalSpec
+from vdsmconn.state.actual import ForeignMount
 
 
 def _check_directory(path: str) -> None:
@@ -76,7 +76,7 @@ class LocalConnector(Connector[LocalSpec]):
         return log
 
 
-def foreign_links(mount_root: str, known: set[str]) -> list[dict[str, Any]]:
+def foreign_links(mount_root: str, known: set[str]) -> list[ForeignMount]:
     """Blocking: links under the mount root that no managed key owns."""
     found = []
     try:
@@ -89,5 +89,5 @@ def foreign_links(mount_root: str, known: set[str]) -> list[dict[str, Any]]:
                 target = os.readlink(entry.path)
             except OSError:
                 continue
-            found.append({"type": "localfs", "connection": target, "path": entry.path})
-    return sorted(found, key=lambda f: f["path"])
+            found.append(ForeignMount("localfs", target, entry.path))
+    return sorted(found, key=lambda f: f.path)

@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Any
+from collections.abc import Mapping
 
 from vdsmconn import errors
 from vdsmconn.config import Config
@@ -16,6 +16,7 @@ from vdsmconn.connectors.base import Connected, Connector, StepLog
 from vdsmconn.host import mountinfo, scope
 from vdsmconn.host.command import CommandRunner
 from vdsmconn.model import MountSpec, normalize_path, normalize_remote
+from vdsmconn.state.actual import ForeignMount
 
 log = logging.getLogger(__name__)
 
@@ -328,18 +329,13 @@ class HelperMountConnector(MountConnector):
 
 
 def foreign_mounts(
-    mounts: dict[str, mountinfo.Mount], mount_root: str, known: set[str]
-) -> list[dict[str, Any]]:
+    mounts: Mapping[str, mountinfo.Mount], mount_root: str, known: set[str]
+) -> list[ForeignMount]:
     """Mounts under the mount root that no managed key owns."""
     root = mount_root.rstrip("/")
-    found = []
-    for mp, m in sorted(mounts.items()):
-        if mp.startswith(root + "/") and mp not in known:
-            found.append(
-                {"type": _type_of(m.fstype), "connection": m.source, "vfs_type": m.fstype,
-                 "path": mp}
-            )
-    return found
+    return [ForeignMount(_type_of(m.fstype), m.source, mp, m.fstype)
+            for mp, m in sorted(mounts.items())
+            if mp.startswith(root + "/") and mp not in known]
 
 
 def _type_of(fstype: str) -> str:

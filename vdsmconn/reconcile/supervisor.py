@@ -20,7 +20,14 @@ from vdsmconn.host.command import StuckCommand
 from vdsmconn.model import ConnectionKey, ConnectionSpec, MountSpec, State
 from vdsmconn.reconcile.backoff import Backoff
 from vdsmconn.reconcile.limits import Limits
-from vdsmconn.state.actual import ActualState, ErrorInfo, KeyStatus
+from vdsmconn.state.actual import (
+    UNSET,
+    ActualState,
+    ErrorInfo,
+    KeyStatus,
+    PathStatus,
+    Unset,
+)
 from vdsmconn.state.desired import DesiredState
 
 log = logging.getLogger(__name__)
@@ -76,16 +83,28 @@ class Supervisor:
     def _connector(self, spec: ConnectionSpec) -> Connector[Any]:
         return self.rec.connectors[spec.TYPE]
 
-    def _set(self, state: State, **changes: Any) -> None:
+    def _set(
+        self, state: State, *, last_error: ErrorInfo | Unset | None = UNSET,
+        attempts: int | Unset = UNSET, next_retry: float | Unset | None = UNSET,
+        last_check: float | Unset | None = UNSET, found: Connected | None = None,
+        paths: tuple[PathStatus, ...] | Unset | None = UNSET,
+    ) -> None:
+        """Record `state` and the fields given; `found`: what a connect or adoption found
+        (its path and paths, and no retry pending)."""
         old = self.status
         now = self.rec.clock.time()
         if old is None or old.state != state:
-            code = changes["last_error"].code if changes.get("last_error") else None
+            code = last_error.code if isinstance(last_error, ErrorInfo) else None
             log.info(
                 "STATE key=%s %s->%s%s", self.key, old.state if old else "none", state,
                 f" code={code}" if code else "",
             )
-        self.rec.actual.set_state(self.key, state, now, **changes)
+        path: str | Unset | None = UNSET
+        if found is not None:
+            path, paths, next_retry = found.path, found.paths, None
+        self.rec.actual.set_state(self.key, state, now, last_error=last_error,
+                                  attempts=attempts, next_retry=next_retry, path=path,
+                                  paths=paths, last_check=last_check)
 
     def _error(self, e: errors.Error) -> ErrorInfo:
         return ErrorInfo(e.code, e.message, self.rec.clock.time())
@@ -116,7 +135,7 @@ class Supervisor:
         delay = self.backoff.next_delay()
         self._set(state, last_error=self._error(e), next_retry=self.rec.clock.time() + delay)
         await self._pause(delay)
-        self.rec.actual.update(self.key, next_retry=None)
+        self.rec.actual.set_next_retry(self.key, None)
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -153,7 +172,7 @@ class Supervisor:
             self.adopt = False
             found = connector.present(spec)
             if found is not None:
-                self._set(State.UNCERTAIN, **_connected_fields(found))
+                self._set(State.UNCERTAIN, found=found)
                 log.info("ADOPT key=%s path=%s", self.key, found.path)
                 await self._check(spec)
                 return
@@ -169,7 +188,7 @@ class Supervisor:
             return
         self.backoff.reset()
         self._set(State.DEGRADED if found.degraded else State.CONNECTED,
-                  last_check=self.rec.clock.time(), **_connected_fields(found))
+                  last_check=self.rec.clock.time(), found=found)
 
     async def _watch(self, spec: ConnectionSpec) -> None:
         """Connected: wait for the probe interval or an event, then check."""
@@ -197,16 +216,15 @@ class Supervisor:
             state = State.STUCK if isinstance(e, errors.MountHung) else State.FAILED
             log.warning("PROBE key=%s failed code=%s: %s", self.key, e.code, e.message)
             found = connector.present(spec)  # which paths the probe found down
-            paths = {"paths": found.paths} if found is not None and found.paths else {}
             self._set(state, last_error=self._error(e), last_check=self.rec.clock.time(),
-                      **paths)
+                      paths=found.paths if found is not None and found.paths else UNSET)
             await self._recover(spec)
             return
         self.recoveries.reset()
         found = connector.present(spec)
         if found is not None and found.paths is not None:  # paths may go down and come back
             self._set(State.DEGRADED if found.degraded else State.CONNECTED,
-                      last_check=self.rec.clock.time(), **_connected_fields(found))
+                      last_check=self.rec.clock.time(), found=found)
             return
         status = self.status
         state = status.state if status and status.state != State.UNCERTAIN else State.CONNECTED
@@ -224,9 +242,9 @@ class Supervisor:
             return
         if self.recoveries.failures:
             delay = self.recoveries.next_delay()
-            self.rec.actual.update(self.key, next_retry=self.rec.clock.time() + delay)
+            self.rec.actual.set_next_retry(self.key, self.rec.clock.time() + delay)
             await self._pause(delay)
-            self.rec.actual.update(self.key, next_retry=None)
+            self.rec.actual.set_next_retry(self.key, None)
         else:
             self.recoveries.next_delay()
 
@@ -253,6 +271,3 @@ class Supervisor:
         # else an update in place: the key stays listed while it comes up again
         return True
 
-
-def _connected_fields(found: Connected) -> dict[str, Any]:
-    return {"path": found.path, "paths": found.paths, "next_retry": None}

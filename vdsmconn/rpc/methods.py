@@ -12,6 +12,7 @@ from vdsmconn.model import Secret
 from vdsmconn.rpc import params, vdsm
 from vdsmconn.rpc.jsonrpc import Method, Session
 from vdsmconn.service import Service
+from vdsmconn.status import StateEvent, StatusView
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,11 @@ class Subscriptions:
         current.difference_update(events)
         return sorted(current)
 
-    def _publish(self, body: dict[str, Any]) -> None:
+    def _publish(self, event: StateEvent) -> None:
+        body = None
         for session, events in list(self._sessions.items()):
             if "storageServerStateChanged" in events:
+                body = body or event.to_wire()
                 session.notify("storageServerStateChanged", body)
 
 
@@ -69,6 +72,18 @@ def _cids(p: dict[str, Any]) -> list[str] | None:
         return None
     return [params.get_cid(c, f"connectionIDs[{i}]")
             for i, c in enumerate(params.get_str_list(p["connectionIDs"], "connectionIDs"))]
+
+
+def _wire(statuses: dict[str, StatusView]) -> dict[str, dict[str, Any]]:
+    """Statuses on the wire; CIDs of one key share one status (and its dict)."""
+    shown: dict[int, dict[str, Any]] = {}
+    out = {}
+    for cid, view in statuses.items():
+        wire = shown.get(id(view))
+        if wire is None:
+            wire = shown[id(view)] = view.to_wire()
+        out[cid] = wire
+    return out
 
 
 def build(service: Service) -> list[Method]:
@@ -98,7 +113,7 @@ def build(service: Service) -> list[Method]:
         if prefix is not None:
             prefix = params.get_str(prefix, "prefix")
         unmanaged = params.get_bool(p.get("includeUnmanaged", True), "includeUnmanaged")
-        return await service.list_status(cids, prefix, unmanaged)
+        return _wire(await service.list_status(cids, prefix, unmanaged))
 
     @_method("waitStorageServer", ("connectionIDs", "timeout"), ("until",))
     async def wait(p: dict[str, Any], s: Session) -> Any:
@@ -110,7 +125,7 @@ def build(service: Service) -> list[Method]:
         until = params.get_str(p.get("until", "connected"), "until")
         if until not in ("connected", "error"):
             raise params.bad_value("until", "must be connected or error")
-        return await service.wait(cids, timeout, until)
+        return _wire(await service.wait(cids, timeout, until))
 
     @_method("updateStorageServer", ("connectionID", "connection"))
     async def update(p: dict[str, Any], s: Session) -> Any:
@@ -121,7 +136,7 @@ def build(service: Service) -> list[Method]:
     async def test(p: dict[str, Any], s: Session) -> Any:
         spec = params.parse_connection(p["connection"])
         timeout = params.get_number(p.get("timeout", 30), "timeout", 0.1, 3600)
-        return await service.test(spec, timeout)
+        return (await service.test(spec, timeout)).to_wire()
 
     @_method("getHostInfo", ())
     async def host_info(p: dict[str, Any], s: Session) -> Any:
@@ -135,15 +150,15 @@ def build(service: Service) -> list[Method]:
         password = None if p.get("password") is None else Secret(
             params.get_str(p["password"], "password"))
         ipv6 = params.get_bool(p.get("ipv6_enabled", False), "ipv6_enabled")
-        return await service.discover(host, port, user, password, ipv6)
+        return [t.to_wire() for t in await service.discover(host, port, user, password, ipv6)]
 
     @_method("getDeviceList", (), ("connectionIDs",))
     async def device_list(p: dict[str, Any], s: Session) -> Any:
-        return await service.inventory.devices(_cids(p))
+        return (await service.inventory.devices(_cids(p))).to_wire()
 
     @_method("getStorageDomainList", (), ("connectionIDs",))
     async def domain_list(p: dict[str, Any], s: Session) -> Any:
-        return await service.inventory.domains(_cids(p))
+        return (await service.inventory.domains(_cids(p))).to_wire()
 
     @_method("getConnectorInfo", (), ("refresh",))
     async def connector_info(p: dict[str, Any], s: Session) -> Any:

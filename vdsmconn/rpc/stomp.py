@@ -22,6 +22,7 @@ from vdsmconn import __version__
 from vdsmconn.rpc import jsonrpc, stompframe
 from vdsmconn.rpc.connection import Connection, Limits
 from vdsmconn.rpc.stompframe import Frame, FrameError
+from vdsmconn.status import StateEvent
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ EVENT_METHOD = "|storage|connection_state|"  # + key: VDSM's "|namespace|event|i
 # parse values below INT_MAX (vdsm lib/vdsm/common/time.py).
 _EVENT_TIME_BASE = 2**31 - 1
 
-Changes = Callable[[Callable[[dict[str, Any]], None]], Callable[[], None]]
+Changes = Callable[[Callable[[StateEvent], None]], Callable[[], None]]
 
 
 def event_time(monotonic: float) -> int:
@@ -75,13 +76,13 @@ class Endpoint:
     def detach(self, connection: StompConnection) -> None:
         self._connections.discard(connection)
 
-    def publish(self, body: dict[str, Any]) -> None:
-        """A storageServerStateChanged body, as a notification to the event destination."""
-        params = {**body, "notify_time": event_time(self._monotonic())}
+    def publish(self, event: StateEvent) -> None:
+        """A storageServerStateChanged event, as a notification to the event destination."""
+        params = {**event.to_wire(), "notify_time": event_time(self._monotonic())}
         try:
-            data = jsonrpc.encode_notification(f"{EVENT_METHOD}{body.get('key')}", params)
+            data = jsonrpc.encode_notification(f"{EVENT_METHOD}{event.key}", params)
         except (TypeError, ValueError):
-            log.exception("EVENT not encodable key=%s", body.get("key"))
+            log.exception("EVENT not encodable key=%s", event.key)
             return
         for connection in list(self._connections):
             connection.deliver(self.destinations.events, data)

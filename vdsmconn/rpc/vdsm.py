@@ -22,7 +22,8 @@ from typing import Any
 
 from vdsmconn import errors, model
 from vdsmconn.host import address, lvm
-from vdsmconn.host.iscsi_parse import read_sessions
+from vdsmconn.host.iscsi_parse import Target, read_sessions
+from vdsmconn.inventory import DomainEntry, Lun
 from vdsmconn.rpc import params
 from vdsmconn.rpc.jsonrpc import Method, Session
 from vdsmconn.service import Service
@@ -119,8 +120,19 @@ def status_of(error: errors.Error) -> int:
     return errors.InvalidParameter.code if error.code < 0 else error.code
 
 
-def statuslist(conns: list[EngineConnection], codes: list[int]) -> list[dict[str, Any]]:
-    return [{"id": c.id, "status": code} for c, code in zip(conns, codes, strict=True)]
+@dataclass(frozen=True)
+class ConnectionStatus:
+    """One entry of VDSM's statuslist: the engine's connection id and its status code."""
+
+    id: str
+    status: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"id": self.id, "status": self.status}
+
+
+def statuslist(conns: list[EngineConnection], codes: list[int]) -> list[ConnectionStatus]:
+    return [ConnectionStatus(c.id, code) for c, code in zip(conns, codes, strict=True)]
 
 
 # --- connect / disconnect --------------------------------------------------------------------
@@ -141,7 +153,7 @@ async def _ensure(service: Service, conn: EngineConnection) -> bool:
 
 
 async def connect(service: Service, pool: str | None, kind: DomainType,
-                  conns: list[EngineConnection]) -> list[dict[str, Any]]:
+                  conns: list[EngineConnection]) -> list[ConnectionStatus]:
     since = service.clock.time()
     log.info("VDSM CONNECT pool=%s type=%s ids=%s", pool, kind.name, [c.id for c in conns])
     if kind.kind is None:
@@ -173,7 +185,7 @@ async def connect(service: Service, pool: str | None, kind: DomainType,
 
 
 async def disconnect(service: Service, pool: str | None, kind: DomainType,
-                     conns: list[EngineConnection]) -> list[dict[str, Any]]:
+                     conns: list[EngineConnection]) -> list[ConnectionStatus]:
     """Unmanage each `vdsm:<id>` and wait for the teardown of the keys they left alone. An
     id that is not managed has nothing to disconnect: 0."""
     since = service.clock.time()
@@ -198,16 +210,16 @@ async def disconnect(service: Service, pool: str | None, kind: DomainType,
 # --- discovery and inventory -----------------------------------------------------------------
 
 
-def send_target(found: dict[str, Any]) -> str:
+def send_target(found: Target) -> str:
     """A discovered target as VDSM prints it: `<host>:<port>,<tpgt> <iqn>`."""
-    tpgt = 1 if found["tpgt"] is None else found["tpgt"]  # iscsi.DEFAULT_TPGT
-    return f"{found['portal']},{tpgt} {found['iqn']}"
+    tpgt = 1 if found.tpgt is None else found.tpgt  # iscsi.DEFAULT_TPGT
+    return f"{found.portal},{tpgt} {found.iqn}"
 
 
-def domain_matches(domain: dict[str, Any], pool: str | None, domain_class: str | None,
+def domain_matches(domain: DomainEntry, pool: str | None, domain_class: str | None,
                    storage_type: str | None, remote_path: str | None) -> bool:
     """VDSM's filters of getStorageDomainsList on one of our domain entries."""
-    meta: dict[str, str] = domain.get("metadata") or {}
+    meta = domain.metadata
     if pool not in (None, "", BLANK_UUID) and pool not in meta.get("POOL_UUID", "").split(","):
         return False
     if domain_class is not None and meta.get("CLASS", "").upper() != domain_class.upper():
@@ -217,7 +229,7 @@ def domain_matches(domain: dict[str, Any], pool: str | None, domain_class: str |
     if remote_path:
         # VDSM compares the mount point's name (the escaped remote path): so do we.
         wanted = model.escape_mount_name(model.normalize_remote(remote_path))
-        names = {os.path.basename(os.path.dirname(p)) for p in domain.get("paths", [])}
+        names = {os.path.basename(os.path.dirname(p)) for p in domain.paths}
         return wanted in names
     return True
 
@@ -245,11 +257,10 @@ def storage_type(value: Any) -> str | None:
 async def storage_domains(service: Service, pool: str | None, cls: str | None,
                           kind: str | None, remote: str | None) -> list[str]:
     found = await service.inventory.domains(None)
-    for problem in found["errors"]:
-        log.warning("VDSM DOMAINS %s not scanned: %s", problem.get("key") or problem.get("path"),
-                    problem["error"]["message"])
-    return sorted(d["sdUUID"] for d in found["domains"]
-                  if domain_matches(d, pool, cls, kind, remote))
+    for problem in found.missing:
+        log.warning("VDSM DOMAINS %s not scanned: %s", problem.key or problem.path,
+                    problem.error.message)
+    return sorted(d.sd_uuid for d in found.domains if domain_matches(d, pool, cls, kind, remote))
 
 
 @dataclass(frozen=True)
@@ -321,49 +332,79 @@ async def _pvs(service: Service, devices: list[str]) -> dict[str, dict[str, str]
     return {row.get("pv_name", ""): row for row in rows}
 
 
-def device_info(lun: dict[str, Any], paths: list[PathFacts], pv: dict[str, str] | None,
-                tpgts: dict[int, int | None], check: bool, known: bool) -> dict[str, Any]:
+@dataclass(frozen=True)
+class DeviceInfo:
+    """One LUN in VDSM's BlockDeviceInfo shape (the fields the engine reads)."""
+
+    guid: str
+    capacity: int
+    fwrev: str
+    serial: str
+    vendor: str
+    product: str
+    logical_block_size: int
+    physical_block_size: int
+    paths: list[PathFacts]
+    pathlist: list[dict[str, str]]  # VDSM's per-session dicts, as they go on the wire
+    pv: dict[str, str] | None  # LVM's row of the LUN if it is a PV
+    status: str  # used, free or unknown
+
+    def to_wire(self) -> dict[str, Any]:
+        pv = self.pv or {}
+        return {
+            "GUID": self.guid, "capacity": str(self.capacity), "devtype": DEVTYPE,
+            "fwrev": self.fwrev, "serial": self.serial,
+            "vendorID": self.vendor, "productID": self.product,
+            "logicalblocksize": str(self.logical_block_size),
+            "physicalblocksize": str(self.physical_block_size),
+            "pathstatus": [{"physdev": p.name, "state": p.state, "capacity": str(p.size),
+                            "lun": p.lun, "type": DEVTYPE} for p in self.paths],
+            "pathlist": self.pathlist,
+            "pvUUID": pv.get("pv_uuid", ""), "vgUUID": pv.get("vg_uuid", ""),
+            "pvsize": pv.get("pv_size", ""),
+            "discard_max_bytes": min((p.discard_max_bytes for p in self.paths), default=0),
+            "discard_zeroes_data": 0, "status": self.status,
+        }
+
+
+def device_info(lun: Lun, paths: list[PathFacts], pv: dict[str, str] | None,
+                tpgts: dict[int, int | None], check: bool, known: bool) -> DeviceInfo:
     """One of our getDeviceList entries in VDSM's BlockDeviceInfo shape."""
     seen: dict[int, dict[str, str]] = {}
-    for s in lun["sessions"]:
-        host, port = address.split(s["portal"])
-        tpgt = tpgts.get(s["sid"])
-        seen.setdefault(s["sid"], {
-            "connection": host, "port": str(port), "iqn": s["iqn"],
-            "portal": str(1 if tpgt is None else tpgt), "initiatorname": s["iface"]})
+    for s in lun.sessions:
+        host, port = address.split(s.portal)
+        tpgt = tpgts.get(s.sid)
+        seen.setdefault(s.sid, {
+            "connection": host, "port": str(port), "iqn": s.iqn,
+            "portal": str(1 if tpgt is None else tpgt), "initiatorname": s.iface})
     status = "unknown"
     if check and known:
         status = "used" if pv or any(p.used for p in paths) else "free"
-    return {
-        "GUID": lun["wwid"], "capacity": str(lun["size"]), "devtype": DEVTYPE,
-        "fwrev": paths[0].fwrev if paths else "", "serial": paths[0].serial if paths else "",
-        "vendorID": lun["vendor"] or "", "productID": lun["product"] or "",
-        "logicalblocksize": str(lun["logicalBlockSize"]),
-        "physicalblocksize": str(lun["physicalBlockSize"]),
-        "pathstatus": [{"physdev": p.name, "state": p.state, "capacity": str(p.size),
-                        "lun": p.lun, "type": DEVTYPE} for p in paths],
-        "pathlist": [seen[sid] for sid in sorted(seen)],
-        "pvUUID": (pv or {}).get("pv_uuid", ""), "vgUUID": (pv or {}).get("vg_uuid", ""),
-        "pvsize": (pv or {}).get("pv_size", ""),
-        "discard_max_bytes": min((p.discard_max_bytes for p in paths), default=0),
-        "discard_zeroes_data": 0, "status": status,
-    }
+    first = lun.first
+    return DeviceInfo(
+        guid=first.wwid or "", capacity=first.size,
+        fwrev=paths[0].fwrev if paths else "", serial=paths[0].serial if paths else "",
+        vendor=first.vendor or "", product=first.product or "",
+        logical_block_size=first.logical_block_size,
+        physical_block_size=first.physical_block_size, paths=paths,
+        pathlist=[seen[sid] for sid in sorted(seen)], pv=pv, status=status)
 
 
 async def device_list(service: Service, kind: str | None, guids: list[str],
-                      check: bool) -> list[dict[str, Any]]:
+                      check: bool) -> list[DeviceInfo]:
     """The LUNs behind managed iSCSI connections (VDSM leaves managed volumes out)."""
     if kind == "FCP":
         return []
     found = await service.inventory.devices(None)
-    luns = [d for d in found["devices"] if d["error"] is None and d["sessions"] and d["wwid"]
-            and (not guids or d["wwid"] in guids)]
+    luns = [lun for lun in found.luns if lun.sessions and lun.first.wwid
+            and (not guids or lun.first.wwid in guids)]
     sysfs = service.config.iscsi.sysfs_root
     timeout = service.config.supervisor.probe_timeout
 
-    async def facts(lun: dict[str, Any]) -> list[PathFacts]:
-        dm = lun["multipath"]["dm"] if lun["multipath"] else None
-        names = [os.path.basename(d) for d in lun["devices"]]
+    async def facts(lun: Lun) -> list[PathFacts]:
+        mpath = lun.first.multipath
+        dm = mpath.dm if mpath else None
+        names = [d.name for d in lun.devices]
         reads = await asyncio.gather(*(service.inventory.probes.run(
             os.path.join(sysfs, "block", n), functools.partial(read_path, n, sysfs, dm),
             f"reading /sys of {n}", timeout) for n in names), return_exceptions=True)
@@ -378,13 +419,13 @@ async def device_list(service: Service, kind: str | None, guids: list[str],
         return out
 
     async with asyncio.TaskGroup() as tg:
-        pv_read = tg.create_task(_pvs(service, [d["path"] for d in luns]))
-        reads = [tg.create_task(facts(d)) for d in luns]
+        pv_read = tg.create_task(_pvs(service, [lun.path for lun in luns]))
+        reads = [tg.create_task(facts(lun)) for lun in luns]
     pvs = pv_read.result()
     tpgts = {s.sid: s.tpgt for s in read_sessions(sysfs)}
-    return sorted((device_info(d, r.result(), (pvs or {}).get(d["path"]), tpgts, check,
-                               pvs is not None) for d, r in zip(luns, reads, strict=True)),
-                  key=lambda d: str(d["GUID"]))
+    return sorted((device_info(lun, r.result(), (pvs or {}).get(lun.path), tpgts, check,
+                               pvs is not None) for lun, r in zip(luns, reads, strict=True)),
+                  key=lambda d: d.guid)
 
 
 # --- the verb table ----------------------------------------------------------------------
@@ -420,14 +461,16 @@ def build(service: Service) -> list[Method]:
         conns = engine_connections(p["connectionParams"], kind.kind, parse=True)
         if not conns:
             raise params.bad_value("connectionParams", "must not be empty")
-        return await connect(service, _opt_str(p, "storagepoolID"), kind, conns)
+        return [c.to_wire() for c in
+                await connect(service, _opt_str(p, "storagepoolID"), kind, conns)]
 
     @_method("StoragePool.disconnectStorageServer",
              ("storagepoolID", "domainType", "connectionParams"))
     async def disconnect_server(p: dict[str, Any], s: Session) -> Any:
         kind = domain_type(p["domainType"])
         conns = engine_connections(p["connectionParams"], kind.kind, parse=False)
-        return await disconnect(service, _opt_str(p, "storagepoolID"), kind, conns)
+        return [c.to_wire() for c in
+                await disconnect(service, _opt_str(p, "storagepoolID"), kind, conns)]
 
     @_method("ISCSIConnection.discoverSendTargets", ("host", "port"),
              ("user", "password", "ipv6_enabled"))
@@ -455,6 +498,7 @@ def build(service: Service) -> list[Method]:
         guids = params.get_str_list(p.get("guids") or [], "guids")
         check = _flag(p.get("checkStatus", True), "checkStatus")
         _flag(p.get("refresh", True), "refresh")  # sysfs is read afresh on every call
-        return await device_list(service, storage_type(p.get("storageType")), guids, check)
+        found = await device_list(service, storage_type(p.get("storageType")), guids, check)
+        return [d.to_wire() for d in found]
 
     return [connect_server, disconnect_server, discover, get_domains, get_devices]
