@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from tests.unit.test_iscsi_supervisor import until
 from vdsmconn import errors
+from vdsmconn.host import probe
 from vdsmconn.host.probe import Probes
 
 
@@ -131,3 +132,76 @@ async def test_errors_reach_the_caller_and_a_cancelled_caller_leaves_no_second_t
     assert not late.done() and threads("read of /dev/sdy") == 1
     hang.set()
     assert await late == "x"
+
+
+async def test_a_check_that_returned_in_time_is_no_hang_when_the_loop_was_busy() -> None:
+    """A deadline passed while the loop itself was blocked (a start-up with thousands of
+    keys): the thread had returned long before, so its result counts."""
+    probes = Probes()
+
+    async def registry(fn: Callable[[], str]) -> str:
+        return await probes.run("/mnt/busy", fn, "check of /mnt/busy", 0.1)
+
+    async def alone(fn: Callable[[], str]) -> str:
+        return await probe.run(fn, "check of nothing", 0.1)
+
+    for check in (registry, alone):
+        answered = threading.Event()
+
+        def quick(answered: threading.Event = answered) -> str:
+            answered.set()
+            return "ok"
+
+        async def busy_loop(answered: threading.Event = answered) -> None:
+            await asyncio.sleep(0)
+            answered.wait(10)
+            threading.Event().wait(0.3)  # the loop is blocked past the probe's deadline
+
+        blocker = asyncio.create_task(busy_loop())
+        assert await check(quick) == "ok"
+        await blocker
+
+
+def pool_threads() -> int:
+    return sum(isinstance(t, probe._Worker) and not t.abandoned for t in threading.enumerate())
+
+
+async def test_checks_reuse_a_few_threads_and_queue_without_losing_their_deadline() -> None:
+    probes = Probes()
+    go_on = threading.Event()
+
+    def slow() -> str:
+        go_on.wait(10)
+        return "slow"
+
+    # Every pool thread busy for a while: checks queue behind them, and the deadline of each
+    # counts from the moment a thread takes it up.
+    busy = [asyncio.ensure_future(probes.run(f"/mnt/busy{i}", slow, f"check {i}", 30))
+            for i in range(probe.POOL_SIZE)]
+    quick = [asyncio.ensure_future(probes.run(f"/mnt/q{i}", lambda: "q", f"check q{i}", 0.2))
+             for i in range(200)]
+    await asyncio.sleep(0.4)  # longer than the quick checks' deadline, all still queued
+    go_on.set()
+    assert await asyncio.gather(*quick) == ["q"] * 200
+    assert await asyncio.gather(*busy) == ["slow"] * probe.POOL_SIZE
+    assert pool_threads() <= probe.POOL_SIZE
+
+
+async def test_checks_hanging_in_every_thread_do_not_hold_up_one_that_answers(
+        hang: threading.Event) -> None:
+    probes = Probes()
+    hung = [asyncio.ensure_future(probes.run(f"/mnt/dead{i}", hang.wait, f"dead {i}", 60))
+            for i in range(probe.POOL_SIZE)]
+    await until(lambda: threads("dead 0") == 1 and all(
+        threads(f"dead {i}") == 1 for i in range(probe.POOL_SIZE)))
+    try:
+        await asyncio.sleep(probe.SLOW + 0.2)
+        # Every pool thread has been in its check for a while: one more thread serves the
+        # rest, and leaves the pool once it is free again.
+        ran_in = await probes.run("/mnt/live", threading.current_thread, "live", 5)
+        assert isinstance(ran_in, probe._Worker) and ran_in.name == probe.IDLE
+        await until(lambda: not ran_in.is_alive())
+        assert pool_threads() == probe.POOL_SIZE
+    finally:
+        hang.set()
+    assert await asyncio.gather(*hung) == [True] * probe.POOL_SIZE
