@@ -87,6 +87,7 @@ class GuestSession:
             self._write("\nguest: building the guest image for this recipe (~2 min)...")
         self._write(f"\nguest: booting the test guest for {len(nodeids)} test(s)...")
         try:
+            self._prepare(self.results)
             deadline = float(os.environ.get("VDSMCONN_GUEST_DEADLINE", runner.DEFAULT_DEADLINE))
             self.run = runner.run_tests(
                 nodeids, srcdir=self.config.rootpath, results=self.results, deadline=deadline
@@ -101,6 +102,19 @@ class GuestSession:
             shutil.rmtree(self.results, ignore_errors=True)
             self.results = None
         return outcomes
+
+    def _prepare(self, results: Path) -> None:
+        """A module of guest tests may make files for them on the host first (a package
+        built from the tree): its ``prepare_guest(results)`` runs once, before the boot. The
+        guest sees ``results`` as /run/vdsmconn-results (image/vdsmconn-guest-boot)."""
+        done: list[object] = []
+        for item in self.items:
+            module = getattr(item, "module", None)
+            prepare = getattr(module, "prepare_guest", None)
+            if callable(prepare) and module not in done:
+                done.append(module)
+                self._write(f"\nguest: preparing {getattr(module, '__name__', '?')} on the host")
+                prepare(results)
 
     def _missing_text(self) -> str:
         if self.unavailable is not None:
