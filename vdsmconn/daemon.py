@@ -90,8 +90,8 @@ class Daemon:
             actual = ActualState()
             measure = metrics.Metrics(desired, actual)
             mounts = await read_mounts()
-            host = HostContext(cfg, runner, lambda: reconciler.mounts if reconciler else mounts,
-                               store=store)
+            actual.set_mounts(mounts)
+            host = HostContext(cfg, runner, actual.host, self.clock, store=store)
             table = connectors.build(host)
             managed = table["managed"]
             if isinstance(managed, ManagedConnector):

@@ -278,20 +278,21 @@ class Service:
     def managed_paths(self) -> set[str]:
         """Mount points of managed keys and of keys still being torn down."""
         specs = [self.desired.spec_of(key) for key in self.desired.all_keys()]
-        specs += [spec for _, spec in self.reconciler.leaving()]
+        specs += [spec for _, spec in self.actual.leaving(self.desired.refs)]
         return {path for spec in specs if (path := self._mount_point(spec)) is not None}
 
     def _leaving(self) -> list[StatusView]:
         """Keys whose last CID went and whose teardown has not finished (a disconnect that
         failed shows here, with its error, until a retry succeeds)."""
         return [dataclasses.replace(self._status(key, spec), managed=False, refs=0)
-                for key, spec in self.reconciler.leaving() if self.actual.get(key) is not None]
+                for key, spec in self.actual.leaving(self.desired.refs)
+                if self.actual.get(key) is not None]
 
     async def unmanaged(self) -> list[StatusView]:
         known = self.managed_paths()
         root = self.config.mount_root
         await self.reconciler.refresh_mounts()
-        found = mount.foreign_mounts(self.reconciler.mounts, root, known)
+        found = mount.foreign_mounts(self.actual.mounts, root, known)
         found += await asyncio.to_thread(localfs.foreign_links, root, known)
         now = self.clock.time()
         return self._leaving() + self._unmanaged_sessions(now) + [
@@ -304,7 +305,8 @@ class Service:
             return []
         specs = [spec for key in self.desired.all_keys()
                  if isinstance(spec := self.desired.spec_of(key), IscsiSpec)]
-        specs += [spec for _, spec in self.reconciler.leaving() if isinstance(spec, IscsiSpec)]
+        specs += [spec for _, spec in self.actual.leaving(self.desired.refs)
+                  if isinstance(spec, IscsiSpec)]
         return [foreign_session_view(ForeignSession(x.address, x.port, x.tpgt, x.iqn, x.iface),
                                      x.logged_in, now)
                 for x in iscsi.unmanaged(specs)]

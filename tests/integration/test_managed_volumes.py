@@ -77,7 +77,7 @@ class World:
 
     async def start(self, udev: bool = False) -> None:
         await self.store.open()
-        host = HostContext(self.config, self.runner, dict, store=self.store)
+        host = HostContext(self.config, self.runner, store=self.store)
         table = connectors.build(host)
         managed = table["managed"]
         assert isinstance(managed, ManagedConnector)
@@ -89,7 +89,7 @@ class World:
             watcher = UdevWatcher()
             rec = self.rec
             self.tasks.append(asyncio.create_task(
-                watcher.run(lambda event: rec.on_mounts(rec.mounts))))
+                watcher.run(lambda event: rec.on_devices())))
             await watcher.ready.wait()
 
     def manage(self, cid: str, s: ConnectionSpec) -> ConnectionKey:

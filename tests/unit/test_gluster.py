@@ -15,6 +15,7 @@ from vdsmconn.host import gluster, scope
 from vdsmconn.host.fakerunner import FakeRunner
 from vdsmconn.host.mountinfo import Mount
 from vdsmconn.model import GlusterSpec
+from vdsmconn.state.actual import HostState
 
 DATA = Path(__file__).parent / "data" / "gluster"
 
@@ -86,7 +87,7 @@ class Host:
         self.runner = FakeRunner()
         self.table: dict[str, Mount] = {}
         self.connector = GlusterConnector(HostContext(self.config, self.runner,
-                                                      lambda: self.table))
+                                                      HostState(mounts=self.table)))
 
     def info(self, remote: str | None, rc: int = 0, stdout: str = "", stderr: str = "") -> None:
         argv = ["gluster", "--mode=script", "volume", "info", "v1"]

@@ -41,7 +41,7 @@ def world(sysfs: Path, runner: HostRunner) -> tuple[Reconciler, FakeClock]:
         supervisor=dataclasses.replace(base.supervisor, backoff_initial=1.0, backoff_max=30.0,
                                        probe_interval=30.0))
     clock = FakeClock()
-    table: dict[str, Any] = {"iscsi": IscsiConnector(HostContext(cfg, runner, dict))}
+    table: dict[str, Any] = {"iscsi": IscsiConnector(HostContext(cfg, runner))}
     return Reconciler(cfg, DesiredState(), ActualState(), table, clock), clock
 
 

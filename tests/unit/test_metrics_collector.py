@@ -135,7 +135,7 @@ class SlowConnector(Connector[MountSpec]):
     """connect waits until released; probe fails as a hung mount would."""
 
     def __init__(self) -> None:
-        super().__init__(HostContext(None, None, dict))  # type: ignore[arg-type]
+        super().__init__(HostContext(None, None))  # type: ignore[arg-type]
         self.release = asyncio.Event()
         self.extra = "passes through"
 

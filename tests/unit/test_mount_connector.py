@@ -21,6 +21,7 @@ from vdsmconn.host import mountinfo
 from vdsmconn.host.fakerunner import FakeRunner
 from vdsmconn.model import NfsSpec, PosixSpec, State
 from vdsmconn.rpc import params
+from vdsmconn.state.actual import HostState
 
 
 class Host:
@@ -30,12 +31,14 @@ class Host:
     def __init__(self, tmp: Path) -> None:
         self.config = config.local(str(tmp))
         self.runner = FakeRunner()
-        context = HostContext(self.config, self.runner, self.mounts)
+        self.state = HostState()
+        context = HostContext(self.config, self.runner, self.state)
         self.posix = PosixConnector(context)
         self.nfs = NfsConnector(context)
 
-    def mounts(self) -> dict[str, mountinfo.Mount]:
-        return {m.mountpoint: m for m in mountinfo.read()}
+    def read_mounts(self) -> None:
+        """The mount table, read as the daemon's watcher does after a change."""
+        self.state.mounts = {m.mountpoint: m for m in mountinfo.read()}
 
 
 @pytest.fixture
@@ -69,6 +72,7 @@ async def test_foreign_mount_at_the_mount_point_is_453_and_left_alone(
     path = host.posix.mountpoint(spec)
     with tmpfs(path, source, fstype):
         before = mounted(path)
+        host.read_mounts()
         assert host.posix.present(spec) is None  # not adopted
         with pytest.raises(errors.ConnectionConflict) as raised:
             await host.posix.connect(spec)
@@ -85,6 +89,7 @@ async def test_own_mount_at_the_mount_point_is_adopted(host: Host) -> None:
     spec = PosixSpec(connection="vc-want", vfs_type="tmpfs")
     path = host.posix.mountpoint(spec)
     with tmpfs(path, "vc-want"):
+        host.read_mounts()
         assert host.posix.present(spec) == Connected(path=path)
         assert await host.posix.connect(spec) == Connected(path=path)
         assert host.runner.argvs == []  # nothing mounted over it

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from vdsmconn.host import mountinfo
 from vdsmconn.host.fakerunner import FakeRunner
 from vdsmconn.model import NfsSpec
 from vdsmconn.rpc import params
+from vdsmconn.state.actual import HostState
 
 
 def nfs(**fields: Any) -> NfsSpec:
@@ -33,10 +33,8 @@ class Host:
         self.config = dataclasses.replace(base, mount_command="/usr/local/bin/my-mount")
         self.runner = FakeRunner()
         self.table: dict[str, mountinfo.Mount] = {}
-        self.connector = NfsConnector(HostContext(self.config, self.runner, self.mounts))
-
-    def mounts(self) -> Mapping[str, mountinfo.Mount]:
-        return self.table
+        self.connector = NfsConnector(HostContext(self.config, self.runner,
+                                                  HostState(mounts=self.table)))
 
     def mountpoint(self, spec: NfsSpec) -> str:
         return f"{self.config.mount_root}/{spec.mount_name}"

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from vdsmconn import errors
+from vdsmconn.clock import Clock
 from vdsmconn.config import Config
 from vdsmconn.host.command import CommandRunner
 from vdsmconn.host.kernel import Kernel
-from vdsmconn.host.mountinfo import Mount
 from vdsmconn.host.probe import Probes
 from vdsmconn.model import ConnectionSpec
-from vdsmconn.state.actual import PathStatus
+from vdsmconn.state.actual import HostState, PathStatus
 from vdsmconn.state.store import Store
 
 S = TypeVar("S", bound=ConnectionSpec)
@@ -23,12 +23,15 @@ S = TypeVar("S", bound=ConnectionSpec)
 
 @dataclass
 class HostContext:
-    """What connectors may use: settings, the command runner, the current mount table, and
-    the one registry of probe threads (at most one per mount, directory or device)."""
+    """What connectors may use: settings, the command runner, the host state they read and
+    keep (the mount table as last read, iSCSI sessions and paths, attachments: the actual
+    state's), the clock, and the one registry of probe threads (at most one per mount,
+    directory or device)."""
 
     config: Config
     runner: CommandRunner
-    mounts: Callable[[], Mapping[str, Mount]]  # mount point -> mount, as last read
+    state: HostState = field(default_factory=HostState)
+    clock: Clock = field(default_factory=Clock)
     store: Store | None = None  # managed volumes keep their attachment records here
     probes: Probes = field(default_factory=Probes)
     kernel: Kernel = field(default_factory=Kernel)  # what the running kernel can do

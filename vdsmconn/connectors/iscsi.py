@@ -31,10 +31,7 @@ from vdsmconn.connectors.iscsi_paths import (
     DEFAULT_IFACE,
     PROC_CONF,
     DiskReader,
-    IscsiPath,
-    PathPlan,
     RpFilter,
-    SessionRef,
     best_error,
     netdev_up,
     node_portal,
@@ -46,7 +43,7 @@ from vdsmconn.host import iscsi_parse
 from vdsmconn.host.iscsi_parse import Session
 from vdsmconn.host.iscsiadm import Iscsiadm
 from vdsmconn.model import ConnectionKey, IscsiSpec
-from vdsmconn.state.actual import DOWN, UP
+from vdsmconn.state.actual import DOWN, UP, IscsiPath, IscsiState, PathPlan
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +57,12 @@ class IscsiConnector(Connector[IscsiSpec]):
         self.sysfs = cfg.sysfs_root
         # A test tree given as sysfs_root holds the device nodes too (dev/).
         dev = "/dev" if self.sysfs == "/sys" else os.path.join(self.sysfs, "dev")
-        self.disks = DiskReader(host.probes, host.config.supervisor.probe_timeout, dev)
+        self.disks = DiskReader(host.probes, host.config.supervisor.probe_timeout, dev,
+                                host.clock)
         self.adm = Iscsiadm(host.runner, host.config.supervisor.command_timeout,
                             cfg.iscsiadm_command)
         self._logins: asyncio.Semaphore | None = None
         self._setup: asyncio.Lock | None = None
-        self._addresses: dict[ConnectionKey, str] = {}
-        self._plans: dict[ConnectionKey, list[PathPlan]] = {}
-        self._paths: dict[ConnectionKey, dict[str, IscsiPath]] = {}
-        self._users: dict[SessionRef, set[ConnectionKey]] = {}
-        self._failed_since: dict[SessionRef, float] = {}
-        self._set_up: set[tuple[ConnectionKey, str]] = set()  # node records ready for login
         # A test tree given as sysfs_root holds its rp_filter files too (proc-net-conf/).
         conf = PROC_CONF if self.sysfs == "/sys" else os.path.join(self.sysfs, "proc-net-conf")
         self.rp_filter = RpFilter(self.adm.runner, host.config.supervisor.command_timeout, conf,
@@ -87,6 +79,11 @@ class IscsiConnector(Connector[IscsiSpec]):
     # --- helpers -----------------------------------------------------------------------
 
     @property
+    def state(self) -> IscsiState:
+        """Sessions, paths and who uses what: the host's, in the actual state."""
+        return self.host.state.iscsi
+
+    @property
     def logins(self) -> asyncio.Semaphore:
         if self._logins is None:
             self._logins = asyncio.Semaphore(self.host.config.iscsi.parallel_logins)
@@ -101,31 +98,31 @@ class IscsiConnector(Connector[IscsiSpec]):
     async def _resolve(self, spec: IscsiSpec) -> str:
         address = await iscsi_discovery.resolve(spec.connection,
                                            self.host.config.supervisor.probe_timeout)
-        self._addresses[spec.key] = address
+        self.state.addresses[spec.key] = address
         return address
 
     def _address(self, spec: IscsiSpec) -> str:
-        return self._addresses.get(spec.key, spec.connection)
+        return self.state.addresses.get(spec.key, spec.connection)
 
     def _sessions(self) -> list[Session]:
         return iscsi_parse.read_sessions(self.sysfs)
 
     def _statuses(self, spec: IscsiSpec, plans: list[PathPlan]) -> dict[str, IscsiPath]:
-        old = self._paths.get(spec.key, {})
+        old = self.state.paths.get(spec.key, {})
         new = {p.iface: old.get(p.iface) or IscsiPath(p.iface, p.netdev) for p in plans}
-        self._paths[spec.key] = new
+        self.state.paths[spec.key] = new
         return new
 
     def _use(self, spec: IscsiSpec, address: str, iface: str) -> None:
-        self._users.setdefault(session_ref(spec, address, iface), set()).add(spec.key)
+        self.state.users.setdefault(session_ref(spec, address, iface), set()).add(spec.key)
 
     def users(self, spec: IscsiSpec, iface: str) -> set[ConnectionKey]:
         """The keys using the session of `spec` through `iface`."""
-        return set(self._users.get(session_ref(spec, self._address(spec), iface), ()))
+        return set(self.state.users.get(session_ref(spec, self._address(spec), iface), ()))
 
     def keys_on(self, netdev: str) -> list[ConnectionKey]:
         """Keys with a path through `netdev` (to wake on its link events)."""
-        return [key for key, plans in self._plans.items()
+        return [key for key, plans in self.state.plans.items()
                 if any(p.netdev == netdev for p in plans)]
 
     # --- connect -------------------------------------------------------------------------
@@ -133,7 +130,7 @@ class IscsiConnector(Connector[IscsiSpec]):
     async def connect(self, spec: IscsiSpec) -> Connected:
         address = await self._resolve(spec)
         plans = plan_paths(spec, self.sysfs)
-        self._plans[spec.key] = plans
+        self.state.plans[spec.key] = plans
         statuses = self._statuses(spec, plans)
         sessions = self._sessions()
         todo = [p for p in plans if not _up(session_of(sessions, spec, address, p.iface))]
@@ -165,7 +162,7 @@ class IscsiConnector(Connector[IscsiSpec]):
         ready: list[tuple[PathPlan, bool]] = []
         async with self.setup_lock:
             for plan in plans:
-                if (spec.key, plan.iface) in self._set_up:  # a relogin: the login at once
+                if (spec.key, plan.iface) in self.state.set_up:  # a relogin: the login at once
                     ready.append((plan, False))
                     continue
                 try:
@@ -173,7 +170,7 @@ class IscsiConnector(Connector[IscsiSpec]):
                 except errors.Error as e:
                     log.warning("ISCSI key=%s iface=%s setup failed: %s", spec.key, plan.iface,
                                 e.message)
-                    statuses[plan.iface].fail(e)
+                    statuses[plan.iface].fail(e, self.host.clock.time())
         await asyncio.gather(*(self._login(spec, address, plan, created, statuses[plan.iface])
                                for plan, created in ready))
 
@@ -246,13 +243,13 @@ class IscsiConnector(Connector[IscsiSpec]):
         except errors.Error as e:
             log.warning("LOGIN key=%s iface=%s failed code=%s: %s", spec.key, plan.iface, e.code,
                         e.message)
-            status.fail(e)
-            self._set_up.discard((spec.key, plan.iface))  # set it up again next time
+            status.fail(e, self.host.clock.time())
+            self.state.set_up.discard((spec.key, plan.iface))  # set it up again next time
             if created:
                 await self._delete_node(spec, portal, plan.iface)
             return
         status.state, status.last_error = UP, None
-        self._set_up.add((spec.key, plan.iface))
+        self.state.set_up.add((spec.key, plan.iface))
         self._use(spec, address, plan.iface)
         log.info("LOGIN key=%s iface=%s netdev=%s", spec.key, plan.iface, plan.netdev)
 
@@ -267,7 +264,7 @@ class IscsiConnector(Connector[IscsiSpec]):
 
     def present(self, spec: IscsiSpec) -> Connected | None:
         address = self._address(spec)
-        plans = self._plans.get(spec.key) or plan_paths(spec, self.sysfs)
+        plans = self.state.plans.get(spec.key) or plan_paths(spec, self.sysfs)
         sessions = self._sessions()
         statuses = self._statuses(spec, plans)
         found = False
@@ -283,7 +280,7 @@ class IscsiConnector(Connector[IscsiSpec]):
                                   and netdev_up(plan.netdev, self.sysfs)) else DOWN
         if not found:
             return None
-        self._plans.setdefault(spec.key, plans)
+        self.state.plans.setdefault(spec.key, plans)
         paths = tuple(statuses[p.iface].snapshot() for p in plans)
         devices = [d for p in paths if p.up for d in p.devices]
         return Connected(path=devices[0] if devices else None, paths=paths,
@@ -291,25 +288,25 @@ class IscsiConnector(Connector[IscsiSpec]):
 
     async def probe(self, spec: IscsiSpec) -> None:
         address = self._address(spec)
-        plans = self._plans.get(spec.key) or plan_paths(spec, self.sysfs)
-        self._plans[spec.key] = plans
+        plans = self.state.plans.get(spec.key) or plan_paths(spec, self.sysfs)
+        self.state.plans[spec.key] = plans
         statuses = self._statuses(spec, plans)
         sessions = self._sessions()
         relogin: list[PathPlan] = []
-        now = time.monotonic()
+        now = self.host.clock.monotonic()
         timeout = self.host.config.supervisor.probe_timeout
         for plan in plans:
             s = session_of(sessions, spec, address, plan.iface)
             ref = session_ref(spec, address, plan.iface)
             if s is not None and not s.logged_in:
-                since = self._failed_since.setdefault(ref, now)
+                since = self.state.failed_since.setdefault(ref, now)
                 if now - since > timeout and netdev_up(plan.netdev, self.sysfs):
                     log.warning("ISCSI key=%s iface=%s session %d %s for %.0fs: logging in "
                                 "again", spec.key, plan.iface, s.sid, s.state, now - since)
                     await self._logout(spec, address, plan.iface)
                     relogin.append(plan)
                 continue
-            self._failed_since.pop(ref, None)
+            self.state.failed_since.pop(ref, None)
             if s is None and netdev_up(plan.netdev, self.sysfs):
                 relogin.append(plan)
         if relogin:
@@ -344,13 +341,13 @@ class IscsiConnector(Connector[IscsiSpec]):
                      spec.key)
             return
         address = self._address(spec)
-        plans = self._plans.get(spec.key) or plan_paths(spec, self.sysfs)
+        plans = self.state.plans.get(spec.key) or plan_paths(spec, self.sysfs)
         failures: list[errors.Error] = []
         statuses = self._statuses(spec, plans)
         sessions = self._sessions()
         for plan in plans:
             ref = session_ref(spec, address, plan.iface)
-            users = self._users.get(ref, set())
+            users = self.state.users.get(ref, set())
             users.discard(spec.key)
             if users:
                 log.info("ISCSI key=%s iface=%s session kept: used by %s", spec.key,
@@ -360,21 +357,19 @@ class IscsiConnector(Connector[IscsiSpec]):
                 if session_of(sessions, spec, address, plan.iface) is not None:
                     await self._logout(spec, address, plan.iface)
             except errors.Error as e:
-                statuses[plan.iface].fail(e)
+                statuses[plan.iface].fail(e, self.host.clock.time())
                 users.add(spec.key)  # still ours: a retry logs it out
                 failures.append(e)
                 continue
-            self._users.pop(ref, None)
+            self.state.users.pop(ref, None)
             # Without the tpgt: the records of every key that shared this session go too.
             await self._delete_node(spec, node_portal(spec, address, tpgt=False), plan.iface)
         if failures:
             if isinstance(failures[0], errors.Timeout):
                 raise failures[0]  # a deadline is 480, whichever command ran past it
             raise errors.IscsiLogoutError(failures[0].message, failures[0].data)
-        self._plans.pop(spec.key, None)
-        self._paths.pop(spec.key, None)
-        self._set_up = {(k, i) for k, i in self._set_up if k != spec.key}
-        in_use = {p.netdev for plans in self._plans.values() for p in plans}
+        self.state.forget(spec.key)
+        in_use = self.state.netdevs_in_use()
         for plan in plans:
             if plan.netdev is not None and plan.netdev not in in_use:
                 self.rp_filter.restore(plan.netdev)
@@ -382,7 +377,7 @@ class IscsiConnector(Connector[IscsiSpec]):
     async def _logout(self, spec: IscsiSpec, address: str, iface: str) -> None:
         if await self.adm.logout(spec.iqn, node_portal(spec, address, tpgt=False), iface):
             log.info("LOGOUT key=%s iface=%s", spec.key, iface)
-        self._failed_since.pop(session_ref(spec, address, iface), None)
+        self.state.failed_since.pop(session_ref(spec, address, iface), None)
 
     # --- events and the rest ------------------------------------------------------------
 
@@ -390,7 +385,7 @@ class IscsiConnector(Connector[IscsiSpec]):
         """A network link went up or down: mark its paths, return the keys to wake."""
         keys = self.keys_on(netdev)
         for key in keys:
-            status = self._paths.get(key, {}).get(netdev)
+            status = self.state.paths.get(key, {}).get(netdev)
             if status is not None and not up:
                 status.state = DOWN
         if keys:
@@ -401,7 +396,7 @@ class IscsiConnector(Connector[IscsiSpec]):
     def unmanaged(self, managed: list[IscsiSpec]) -> list[Session]:
         """Sessions on the host that no managed connection uses (listed, never touched)."""
         used = {session_ref(s, self._address(s), p.iface)
-                for s in managed for p in self._plans.get(s.key) or plan_paths(s, self.sysfs)}
+                for s in managed for p in self.state.plans.get(s.key) or plan_paths(s, self.sysfs)}
         return [s for s in self._sessions()
                 if (s.iqn, s.address.lower(), s.port, s.iface) not in used]
 

@@ -18,70 +18,20 @@ import hashlib
 import logging
 import mmap
 import os
-import time
-from dataclasses import dataclass, field
 
 from vdsmconn import errors
+from vdsmconn.clock import Clock
 from vdsmconn.host.address import join, same_host, unbracket
 from vdsmconn.host.command import CommandRunner
 from vdsmconn.host.iscsi_parse import Session
 from vdsmconn.host.probe import Probes
 from vdsmconn.model import IscsiSpec
-from vdsmconn.state.actual import DOWN, ErrorInfo, PathStatus
+from vdsmconn.state.actual import IscsiPath, PathPlan, SessionRef
 
 log = logging.getLogger(__name__)
 
 DEFAULT_IFACE = "default"
 LINK_DOWN_STATES = ("down", "lowerlayerdown", "notpresent", "dormant")
-
-
-@dataclass(frozen=True)
-class PathPlan:
-    iface: str
-    netdev: str | None = None
-
-
-@dataclass
-class IscsiPath:
-    """What is known of one path: its state, last error, session and disks (the status
-    shows a `PathStatus` of it)."""
-
-    iface: str
-    netdev: str | None
-    state: str = DOWN
-    last_error: errors.Error | None = None
-    error_time: float | None = None
-    session: int | None = None
-    devices: tuple[str, ...] = field(default_factory=tuple)
-    # The session whose disk did not answer a read: the path stays down while that session
-    # is the path's, until a read through it answers (a new session is a new chance).
-    unanswered: int | None = None
-
-    def fail(self, e: errors.Error) -> None:
-        self.state = DOWN
-        self.last_error = e
-        self.error_time = time.time()
-
-    def not_answering(self, sid: int, e: errors.Error) -> None:
-        self.fail(e)
-        self.unanswered = sid
-
-    def answered(self, sid: int) -> None:
-        """Every disk of session `sid` answered a read."""
-        if self.unanswered is not None:
-            self.unanswered = None
-            self.last_error = None
-
-    def usable(self, sid: int) -> bool:
-        return self.unanswered != sid
-
-    def snapshot(self) -> PathStatus:
-        error = None
-        if self.last_error is not None:
-            error = ErrorInfo(self.last_error.code, self.last_error.message,
-                              self.error_time or 0.0)
-        return PathStatus(self.iface, self.netdev, self.state, error, self.session,
-                          tuple(f"/dev/{d}" for d in self.devices))
 
 
 def netdev_exists(name: str, sysfs: str) -> bool:
@@ -144,9 +94,6 @@ def session_of(sessions: list[Session], spec: IscsiSpec, address: str,
     ]
     found.sort(key=lambda s: not s.logged_in)
     return found[0] if found else None
-
-
-SessionRef = tuple[str, str, int, str]  # iqn, address, port, iface
 
 
 def session_ref(spec: IscsiSpec, address: str, iface: str) -> SessionRef:
@@ -262,10 +209,12 @@ class DiskReader:
     in a probe thread (at most one per disk, however long a read hangs). A disk that fails
     is 481; one that does not answer within the probe timeout 481 too, as a hung one."""
 
-    def __init__(self, probes: Probes, timeout: float, dev: str = "/dev") -> None:
+    def __init__(self, probes: Probes, timeout: float, dev: str = "/dev",
+                 clock: Clock | None = None) -> None:
         self.probes = probes
         self.timeout = timeout
         self.dev = dev
+        self.clock = clock or Clock()
 
     async def check(self, session: Session, status: IscsiPath) -> None:
         """Read every disk of `session` at once; the path is down while one does not answer."""
@@ -277,7 +226,7 @@ class DiskReader:
             if status.usable(session.sid):
                 log.warning("ISCSI session %d iface=%s path down: %s", session.sid,
                             status.iface, failures[0].message)
-            status.not_answering(session.sid, failures[0])
+            status.not_answering(session.sid, failures[0], self.clock.time())
         else:
             if not status.usable(session.sid):
                 log.info("ISCSI session %d iface=%s path answers again", session.sid,

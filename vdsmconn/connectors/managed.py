@@ -24,7 +24,6 @@ import os
 import shlex
 import stat
 import sys
-import time
 from typing import Any
 
 from vdsmconn import errors
@@ -33,6 +32,7 @@ from vdsmconn.host.brick_helper import scrub, secret_values
 from vdsmconn.host.command import StuckCommand, tail
 from vdsmconn.host.links import make_link, remove_link
 from vdsmconn.model import ManagedSpec, mask_secrets
+from vdsmconn.state.actual import Attachment
 from vdsmconn.state.store import DeleteAttachment, PutAttachment
 
 log = logging.getLogger(__name__)
@@ -42,13 +42,10 @@ SECTOR = 4096
 SOURCE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-Record = dict[str, Any]
-
 
 class ManagedConnector(Connector[ManagedSpec]):
     def __init__(self, host: HostContext) -> None:
         super().__init__(host)
-        self._records: dict[str, Record] | None = None  # volume ID -> record, once loaded
         self._loading = asyncio.Lock()
         self._info: dict[str, Any] | None = None
         self._info_lock = asyncio.Lock()
@@ -77,34 +74,41 @@ class ManagedConnector(Connector[ManagedSpec]):
 
     # --- records -------------------------------------------------------------------------
 
-    async def load(self) -> dict[str, Record]:
+    @property
+    def _records(self) -> dict[str, Attachment]:
+        """The attachments as loaded (empty before `load`): the host state's."""
+        return self.host.state.attachments or {}
+
+    async def load(self) -> dict[str, Attachment]:
         """The attachment records, read from the store once (call before adopting)."""
         async with self._loading:
-            if self._records is None:
+            if self.host.state.attachments is None:
                 store = self.host.store
-                self._records = await store.load_attachments() if store else {}
-                log.info("ATTACHMENTS loaded=%d", len(self._records))
-            return self._records
+                found = await store.load_attachments() if store else {}
+                self.host.state.attachments = {
+                    volume: Attachment.from_store(volume, record)
+                    for volume, record in found.items()}
+                log.info("ATTACHMENTS loaded=%d", len(found))
+            return self.host.state.attachments
 
-    @property
-    def records(self) -> dict[str, Record]:
-        """Loaded records (empty before `load`); secrets inside: never put them on the wire."""
-        return dict(self._records or {})
+    def _record(self, spec: ManagedSpec) -> Attachment | None:
+        return self._records.get(spec.volumeID)
 
-    def _record(self, spec: ManagedSpec) -> Record | None:
-        return (self._records or {}).get(spec.volumeID)
-
-    async def _commit(self, op: PutAttachment | DeleteAttachment) -> None:
+    async def _put(self, record: Attachment) -> None:
         assert self.host.store is not None
-        await self.host.store.commit([op])
+        await self.host.store.commit([PutAttachment(record.volume_id, record.to_store())])
+
+    async def _delete(self, volume_id: str) -> None:
+        assert self.host.store is not None
+        await self.host.store.commit([DeleteAttachment(volume_id)])
 
     # --- the contract ----------------------------------------------------------------------
 
     def present(self, spec: ManagedSpec) -> Connected | None:
         rec = self._record(spec)
-        if rec is None or rec["connection_info"] != spec.info() or not device_ready(rec["path"]):
+        if rec is None or rec.connection_info != spec.info() or not device_ready(rec.path):
             return None
-        return Connected(path=rec["path"])
+        return Connected(path=rec.path)
 
     async def connect(self, spec: ManagedSpec) -> Connected:
         self._require()
@@ -112,17 +116,17 @@ class ManagedConnector(Connector[ManagedSpec]):
         info = spec.info()
         rec = records.get(spec.volumeID)
         if rec is not None:
-            if device_ready(rec["path"]):
-                if rec["connection_info"] != info:
+            if device_ready(rec.path):
+                if rec.connection_info != info:
                     raise errors.ManagedVolumeConnectionMismatch(
-                        f"volume {spec.volumeID} is attached at {rec['path']} with other"
+                        f"volume {spec.volumeID} is attached at {rec.path} with other"
                         " connection info; unmanage it to detach it first")
-                await asyncio.to_thread(make_link, rec["path"], self.link(spec.volumeID))
+                await asyncio.to_thread(make_link, rec.path, self.link(spec.volumeID))
                 log.info("ATTACHED volume=%s path=%s (recorded, not attached again)",
-                         spec.volumeID, rec["path"])
-                return Connected(path=rec["path"])
+                         spec.volumeID, rec.path)
+                return Connected(path=rec.path)
             log.info("ATTACH volume=%s recorded device %s is gone: detaching the record",
-                     spec.volumeID, rec["path"])
+                     spec.volumeID, rec.path)
             await self._detach(spec.volumeID, rec, force=True)
         return await self._attach(spec.volumeID, info)
 
@@ -142,10 +146,9 @@ class ManagedConnector(Connector[ManagedSpec]):
             path = device_path(info, device_info)
             self._check_unique(volume_id, path)
             await self._verify(path)
-            record = {"volume_id": volume_id, "connection_info": info,
-                      "device_info": device_info, "path": path, "multipath": multipath,
-                      "attached": time.time()}
-            await self._commit(PutAttachment(volume_id, record))
+            record = Attachment(volume_id, info, device_info, path, multipath,
+                                self.host.clock.time())
+            await self._put(record)
             recorded = True
             (await self.load())[volume_id] = record
             await asyncio.to_thread(make_link, path, self.link(volume_id))
@@ -159,8 +162,8 @@ class ManagedConnector(Connector[ManagedSpec]):
 
     def _check_unique(self, volume_id: str, path: str) -> None:
         real = os.path.realpath(path)
-        for other, rec in (self._records or {}).items():
-            if other != volume_id and os.path.realpath(rec["path"]) == real:
+        for other, rec in self._records.items():
+            if other != volume_id and os.path.realpath(rec.path) == real:
                 raise errors.ManagedVolumeAlreadyAttached(
                     f"device {path} of volume {volume_id} is already attached as volume {other}")
 
@@ -182,8 +185,8 @@ class ManagedConnector(Connector[ManagedSpec]):
             return
         await asyncio.to_thread(remove_link, self.link(volume_id))
         if recorded:
-            await self._commit(DeleteAttachment(volume_id))
-            (self._records or {}).pop(volume_id, None)
+            await self._delete(volume_id)
+            self._records.pop(volume_id, None)
 
     async def disconnect(self, spec: ManagedSpec, force: bool = False) -> None:
         rec = (await self.load()).get(spec.volumeID)
@@ -193,30 +196,30 @@ class ManagedConnector(Connector[ManagedSpec]):
         self._require()
         await self._detach(spec.volumeID, rec, force)
 
-    async def _detach(self, volume_id: str, rec: Record, force: bool) -> None:
+    async def _detach(self, volume_id: str, rec: Attachment, force: bool) -> None:
         """Detach with the record; a device already gone is success; a failure keeps it."""
         try:
-            await self._call("disconnect", rec["connection_info"], bool(rec["multipath"]),
-                             rec.get("device_info"), force=force)
+            await self._call("disconnect", rec.connection_info, rec.multipath,
+                             rec.device_info, force=force)
         except StuckCommand:
             raise
         except errors.Error as e:
-            if device_exists(rec["path"]):
+            if device_exists(rec.path):
                 log.warning("DETACH volume=%s failed, record kept: %s", volume_id, e.message)
                 raise
             log.info("DETACH volume=%s os-brick failed but %s is gone: %s", volume_id,
-                     rec["path"], e.message)
+                     rec.path, e.message)
         await asyncio.to_thread(remove_link, self.link(volume_id))
-        await self._commit(DeleteAttachment(volume_id))
-        (self._records or {}).pop(volume_id, None)
-        log.info("DETACHED volume=%s path=%s", volume_id, rec["path"])
+        await self._delete(volume_id)
+        self._records.pop(volume_id, None)
+        log.info("DETACHED volume=%s path=%s", volume_id, rec.path)
 
     async def probe(self, spec: ManagedSpec) -> None:
         rec = self._record(spec)
-        if rec is None or rec["connection_info"] != spec.info():
+        if rec is None or rec.connection_info != spec.info():
             raise errors.ConnectError(f"volume {spec.volumeID} has no attachment")
-        await self._read(rec["path"])
-        await asyncio.to_thread(make_link, rec["path"], self.link(spec.volumeID))
+        await self._read(rec.path)
+        await asyncio.to_thread(make_link, rec.path, self.link(spec.volumeID))
 
     async def _read(self, path: str) -> None:
         """Read the first sector in an abandonable thread; at most one per device."""

@@ -75,7 +75,7 @@ class MountConnector(Connector[MountSpec]):
 
     def present(self, spec: MountSpec) -> Connected | None:
         path = self.mountpoint(spec)
-        m = self.host.mounts().get(path)
+        m = self.host.state.mounts.get(path)
         if m is None:
             return None
         if not self.is_mount_of(m, spec):
@@ -138,7 +138,7 @@ class MountConnector(Connector[MountSpec]):
 
     async def probe(self, spec: MountSpec) -> None:
         path = self.mountpoint(spec)
-        if path not in self.host.mounts() and path not in await read_mounts():
+        if path not in self.host.state.mounts and path not in await read_mounts():
             raise errors.MountError(f"{path} is not mounted")
         try:
             await self.host.probes.run(path, lambda: _check_mountpoint(path), f"probe of {path}",

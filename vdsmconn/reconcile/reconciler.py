@@ -32,7 +32,6 @@ class Reconciler:
         self.actual = actual
         self.connectors = connectors
         self.clock = clock
-        self.mounts: dict[str, Mount] = {}
         # Connects, disconnects and recoveries run in a slot of their server's bucket and a
         # host-wide one: a start-up with a thousand keys does not fork a thousand mounts,
         # and keys on a dead server cannot take the slots of the others.
@@ -49,7 +48,7 @@ class Reconciler:
     ) -> None:
         """Supervise every desired key, adopting what the host already shows, and finish
         the teardowns of keys whose last CID went before the daemon could disconnect them."""
-        self.mounts = mounts
+        self.actual.set_mounts(mounts)
         for key in self.desired.all_keys():
             self._spawn(key, adopt=True)
         for key, spec in teardowns.items():
@@ -67,7 +66,7 @@ class Reconciler:
 
     def on_mounts(self, mounts: dict[str, Mount]) -> None:
         """The mount table changed: wake every connected key whose mount is gone."""
-        self.mounts = mounts
+        self.actual.set_mounts(mounts)
         for key, sup in self._supervisors.items():
             status = self.actual.get(key)
             spec = sup.spec
@@ -79,7 +78,7 @@ class Reconciler:
 
     def on_devices(self) -> None:
         """A block device came or went: wake every connected key whose device is gone."""
-        self.on_mounts(self.mounts)
+        self.on_mounts(self.actual.mounts)
 
     async def refresh_mounts(self, notify: bool = True) -> bool:
         """Read the mount table now (the watcher's copy may trail the host)."""
@@ -87,14 +86,8 @@ class Reconciler:
         if notify:
             self.on_mounts(mounts)
         else:
-            self.mounts = mounts
+            self.actual.set_mounts(mounts)
         return True
-
-    def leaving(self) -> list[tuple[ConnectionKey, ConnectionSpec]]:
-        """Keys no CID refers to any more whose teardown has not finished, with the
-        connection being torn down."""
-        return [(key, sup.spec) for key, sup in self._supervisors.items()
-                if sup.spec is not None and self.desired.refs(key) == 0]
 
     def forget(self, sup: Supervisor) -> None:
         if self._supervisors.get(sup.key) is sup:

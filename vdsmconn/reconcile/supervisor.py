@@ -67,7 +67,6 @@ class Supervisor:
         # Recoveries of a connection that connects but keeps failing its probe (a server that
         # hangs again at once) back off too; a probe that passes resets this.
         self.recoveries = Backoff(sup.backoff_initial, sup.backoff_max)
-        self.spec: ConnectionSpec | None = None  # what is (or may be) up on the host
         self.suspect = False  # an event says the connection may be gone: check it now
 
     def kick(self, suspect: bool = False) -> None:
@@ -75,6 +74,15 @@ class Supervisor:
         self.wake.set()
 
     # --- helpers -----------------------------------------------------------------------
+
+    @property
+    def spec(self) -> ConnectionSpec | None:
+        """What is (or may be) up on the host for this key (kept in the actual state)."""
+        return self.rec.actual.spec_on_host(self.key)
+
+    @spec.setter
+    def spec(self, spec: ConnectionSpec | None) -> None:
+        self.rec.actual.set_spec_on_host(self.key, spec)
 
     @property
     def status(self) -> KeyStatus | None:
