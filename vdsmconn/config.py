@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import yaml
 
 from vdsmconn.host import address
+from vdsmconn.settings import HostSettings, IscsiSettings, ManagedSettings
 
 MAIN_FILE = Path("/etc/vdsmconn/vdsmconn.yaml")
 DROPIN_GLOB = "/etc/vdsmconn/conf.d/*.yaml"
@@ -403,3 +404,21 @@ def to_dict(config: Config) -> dict[str, Any]:
 
 def dump(config: Config) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def host_settings(config: Config) -> HostSettings:
+    """What the connectors get of the configuration (they never see all of it)."""
+    sup, iscsi, managed = config.supervisor, config.iscsi, config.managed
+    return HostSettings(
+        state_dir=config.state_dir, run_dir=config.run_dir, mount_root=config.mount_root,
+        mount_command=config.mount_command, umount_command=config.umount_command,
+        gluster_command=config.gluster_command, scope_slice=config.scope_slice,
+        probe_timeout=sup.probe_timeout, command_timeout=sup.command_timeout,
+        iscsi=IscsiSettings(
+            parallel_logins=iscsi.parallel_logins, login_retries=iscsi.login_retries,
+            login_timeout=iscsi.login_timeout, iscsiadm_command=iscsi.iscsiadm_command,
+            inq_command=iscsi.inq_command, sysfs_root=iscsi.sysfs_root),
+        managed=ManagedSettings(
+            multipath=managed.multipath, helper_timeout=managed.helper_timeout,
+            helper_command=managed.helper_command, my_ip=managed.my_ip),
+    )

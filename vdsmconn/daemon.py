@@ -91,7 +91,8 @@ class Daemon:
             measure = metrics.Metrics(desired, actual)
             mounts = await read_mounts()
             actual.set_mounts(mounts)
-            host = HostContext(cfg, runner, actual.host, self.clock, store=store)
+            host = HostContext(config.host_settings(cfg), runner, actual.host, self.clock,
+                               attachments=store)
             table = connectors.build(host)
             managed = table["managed"]
             if isinstance(managed, ManagedConnector):

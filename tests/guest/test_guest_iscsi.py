@@ -295,7 +295,7 @@ async def _bond_scenario(t: IscsiTarget, multipath: Multipath) -> None:
     spec = IscsiSpec(connection=l0.peer_ip, iqn=t.iqn, tpgt=1,
                      netIfaceNames=(l0.host, l1.host, "nosuchnic9"))
     runner = CommandRunner()
-    connector = IscsiConnector(HostContext(config.Config(), runner))
+    connector = IscsiConnector(HostContext(config.host_settings(config.Config()), runner))
     watcher = LinkWatcher()
     events: list[tuple[float, LinkEvent]] = []
     probes: list[asyncio.Task[None]] = []

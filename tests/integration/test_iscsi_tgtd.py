@@ -190,7 +190,8 @@ class World:
         self.runner = CommandRunner()
         self.desired = DesiredState()
         self.actual = ActualState()
-        self.connectors = connectors.build(HostContext(self.config, self.runner))
+        self.connectors = connectors.build(
+            HostContext(config.host_settings(self.config), self.runner))
         self.rec = Reconciler(self.config, self.desired, self.actual, self.connectors,
                               self.clock)
 

@@ -77,7 +77,7 @@ class World:
 
     async def start(self, udev: bool = False) -> None:
         await self.store.open()
-        host = HostContext(self.config, self.runner, store=self.store)
+        host = HostContext(config.host_settings(self.config), self.runner, attachments=self.store)
         table = connectors.build(host)
         managed = table["managed"]
         assert isinstance(managed, ManagedConnector)

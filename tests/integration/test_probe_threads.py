@@ -54,7 +54,7 @@ async def test_localfs_in_a_hung_mount_holds_one_probe_thread(
     base = config.local(str(tmp_path / "daemon"))
     cfg = dataclasses.replace(base, supervisor=dataclasses.replace(
         base.supervisor, probe_timeout=0.2))
-    connector = LocalConnector(HostContext(cfg, FakeRunner()))
+    connector = LocalConnector(HostContext(config.host_settings(cfg), FakeRunner()))
     hung = LocalSpec(connection=str(mnt))
     healthy = LocalSpec(connection=str(tmp_path / "ok"))
     (tmp_path / "ok").mkdir()

@@ -49,7 +49,7 @@ async def ladder(tmp_path: Path, umount: str) -> tuple[PosixConnector, PosixSpec
     cfg = dataclasses.replace(cfg, supervisor=dataclasses.replace(cfg.supervisor,
                                                                   command_timeout=1.0))
     runner = CommandRunner(grace=2.0)
-    connector = PosixConnector(HostContext(cfg, runner))
+    connector = PosixConnector(HostContext(config.host_settings(cfg), runner))
     spec = PosixSpec(connection="vc-ladder", vfs_type="tmpfs")
     path = connector.mountpoint(spec)
     await connector.connect(spec)

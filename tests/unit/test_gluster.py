@@ -86,8 +86,8 @@ class Host:
         self.config = dataclasses.replace(config.local(str(tmp_path)), gluster_command="gluster")
         self.runner = FakeRunner()
         self.table: dict[str, Mount] = {}
-        self.connector = GlusterConnector(HostContext(self.config, self.runner,
-                                                      HostState(mounts=self.table)))
+        self.connector = GlusterConnector(HostContext(config.host_settings(self.config),
+                                                      self.runner, HostState(mounts=self.table)))
 
     def info(self, remote: str | None, rc: int = 0, stdout: str = "", stderr: str = "") -> None:
         argv = ["gluster", "--mode=script", "volume", "info", "v1"]

@@ -62,3 +62,12 @@ def test_package_imports_have_no_cycle() -> None:
     graph = import_graph()
     assert "vdsmconn.reconcile.supervisor" in graph
     assert cycles(graph) == []
+
+
+def test_connectors_see_neither_the_configuration_nor_the_store() -> None:
+    """Connectors get typed settings and an attachment store through their HostContext."""
+    graph = import_graph()
+    connectors = [m for m in graph if m.startswith("vdsmconn.connectors.")]
+    assert "vdsmconn.connectors.managed" in connectors
+    for module in connectors:
+        assert not graph[module] & {"vdsmconn.config", "vdsmconn.state.store"}, module

@@ -45,7 +45,7 @@ def inventory(host: FakeHost, cids: dict[str, object]) -> Inventory:
     for cid, spec in cids.items():
         desired.apply_put(cid, spec)  # type: ignore[arg-type]
     runner = FakeRunner()
-    iscsi = IscsiConnector(HostContext(cfg, runner))
+    iscsi = IscsiConnector(HostContext(config.host_settings(cfg), runner))
     return Inventory(cfg, desired, ActualState(), {"iscsi": iscsi}, runner, dev=str(host.dev))
 
 

@@ -121,7 +121,7 @@ def make(sysfs: Path, runner: FakeRunner, parallel: int = 10,
         base, run_dir=str(sysfs.parent / "run"),
         iscsi=dataclasses.replace(base.iscsi, parallel_logins=parallel, sysfs_root=str(sysfs)),
         supervisor=dataclasses.replace(base.supervisor, probe_timeout=probe_timeout))
-    return IscsiConnector(HostContext(cfg, runner))
+    return IscsiConnector(HostContext(config.host_settings(cfg), runner))
 
 
 def expect_setup(runner: FakeRunner) -> None:
@@ -571,7 +571,7 @@ async def test_session_failed_beyond_probe_timeout_is_logged_out_and_in(
     cfg = dataclasses.replace(
         base, iscsi=dataclasses.replace(base.iscsi, sysfs_root=str(sysfs)),
         supervisor=dataclasses.replace(base.supervisor, probe_timeout=0.05))
-    c = IscsiConnector(HostContext(cfg, runner))
+    c = IscsiConnector(HostContext(config.host_settings(cfg), runner))
     s = spec()
     await c.connect(s)
     state = sysfs / "class" / "iscsi_session" / "session1" / "state"

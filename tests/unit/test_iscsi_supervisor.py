@@ -41,7 +41,8 @@ def world(sysfs: Path, runner: HostRunner) -> tuple[Reconciler, FakeClock]:
         supervisor=dataclasses.replace(base.supervisor, backoff_initial=1.0, backoff_max=30.0,
                                        probe_interval=30.0))
     clock = FakeClock()
-    table: dict[str, Any] = {"iscsi": IscsiConnector(HostContext(cfg, runner))}
+    host = HostContext(config.host_settings(cfg), runner)
+    table: dict[str, Any] = {"iscsi": IscsiConnector(host)}
     return Reconciler(cfg, DesiredState(), ActualState(), table, clock), clock
 
 

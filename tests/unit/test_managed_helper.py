@@ -102,7 +102,7 @@ def test_device_ready_only_for_block_devices(tmp_path: Path) -> None:
 
 def _managed(tmp_path: Path) -> ManagedConnector:
     cfg = config.local(str(tmp_path))
-    host = HostContext(cfg, FakeRunner())
+    host = HostContext(config.host_settings(cfg), FakeRunner())
     table = connectors.build(host)
     managed = table["managed"]
     assert isinstance(managed, ManagedConnector)

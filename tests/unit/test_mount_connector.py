@@ -32,7 +32,7 @@ class Host:
         self.config = config.local(str(tmp))
         self.runner = FakeRunner()
         self.state = HostState()
-        context = HostContext(self.config, self.runner, self.state)
+        context = HostContext(config.host_settings(self.config), self.runner, self.state)
         self.posix = PosixConnector(context)
         self.nfs = NfsConnector(context)
 
@@ -155,7 +155,7 @@ async def test_umount_past_every_deadline_is_480(host: Host) -> None:
     host.runner.expect(["umount"], prefix=True, timeout=True)
     path = str(Path(host.config.mount_root) / "vc-slow")
     with pytest.raises(errors.Timeout) as raised:
-        await unmount(host.runner, host.config, path)
+        await unmount(host.runner, config.host_settings(host.config), path)
     assert raised.value.code == 480
     assert raised.value.message.startswith(f"umount of {path}: Command umount -c -l ")
     assert [argv[:-1] for argv in host.runner.argvs] == [
@@ -168,4 +168,4 @@ async def test_umount_refused_at_the_last_step_is_477(host: Host) -> None:
     host.runner.expect(["umount", "-c", path], timeout=True)
     host.runner.expect(["umount"], prefix=True, rc=32, stderr="umount: target is busy.")
     with tmpfs(path, "vc-busy"), pytest.raises(errors.MountError, match="target is busy"):
-        await unmount(host.runner, host.config, path)
+        await unmount(host.runner, config.host_settings(host.config), path)

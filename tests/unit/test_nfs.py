@@ -33,7 +33,7 @@ class Host:
         self.config = dataclasses.replace(base, mount_command="/usr/local/bin/my-mount")
         self.runner = FakeRunner()
         self.table: dict[str, mountinfo.Mount] = {}
-        self.connector = NfsConnector(HostContext(self.config, self.runner,
+        self.connector = NfsConnector(HostContext(config.host_settings(self.config), self.runner,
                                                   HostState(mounts=self.table)))
 
     def mountpoint(self, spec: NfsSpec) -> str:

@@ -233,7 +233,7 @@ async def test_fuse_mount_command_runs_in_a_scope_of_the_configured_slice(
     cfg = dataclasses.replace(config.local(str(tmp_path)), mount_command=str(stand_in),
                               gluster_command="/bin/false", scope_slice="storage.slice")
     runner = CommandRunner()
-    host = HostContext(cfg, runner)
+    host = HostContext(config.host_settings(cfg), runner)
     connector = GlusterConnector(host)
     spec = GlusterSpec(connection="srv:/vol", mnt_options="backup-volfile-servers=b")
     await connector.connect(spec)

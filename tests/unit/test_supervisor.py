@@ -35,7 +35,7 @@ class World:
         self.runner = FakeRunner()
         self.desired = DesiredState()
         self.actual = ActualState()
-        host = HostContext(self.config, self.runner)
+        host = HostContext(config.host_settings(self.config), self.runner)
         self.connectors = connectors.build(host)
         self.rec = Reconciler(self.config, self.desired, self.actual, self.connectors,
                               self.clock)

@@ -3,22 +3,31 @@
 from __future__ import annotations
 
 import abc
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from vdsmconn import errors
 from vdsmconn.clock import Clock
-from vdsmconn.config import Config
 from vdsmconn.host.command import CommandRunner
 from vdsmconn.host.kernel import Kernel
 from vdsmconn.host.probe import Probes
 from vdsmconn.model import ConnectionSpec
-from vdsmconn.state.actual import HostState, PathStatus
-from vdsmconn.state.store import Store
+from vdsmconn.settings import HostSettings
+from vdsmconn.state.actual import Attachment, HostState, PathStatus
 
 S = TypeVar("S", bound=ConnectionSpec)
+
+
+class AttachmentStore(Protocol):
+    """Where the attachment records of managed volumes are kept, durably (the state
+    store): each is committed before its attach is reported."""
+
+    async def attachments(self) -> dict[str, Attachment]: ...
+
+    async def put_attachment(self, record: Attachment) -> None: ...
+
+    async def delete_attachment(self, volume_id: str) -> None: ...
 
 
 @dataclass
@@ -28,11 +37,11 @@ class HostContext:
     state's), the clock, and the one registry of probe threads (at most one per mount,
     directory or device)."""
 
-    config: Config
+    settings: HostSettings
     runner: CommandRunner
     state: HostState = field(default_factory=HostState)
     clock: Clock = field(default_factory=Clock)
-    store: Store | None = None  # managed volumes keep their attachment records here
+    attachments: AttachmentStore | None = None  # where managed volumes' records are kept
     probes: Probes = field(default_factory=Probes)
     kernel: Kernel = field(default_factory=Kernel)  # what the running kernel can do
 
@@ -62,6 +71,7 @@ class Step:
 class StepLog:
     """The steps of a connectivity test; `run` stops the test at the first failure."""
 
+    clock: Clock = field(default_factory=Clock)  # times each step
     steps: list[Step] = field(default_factory=list)
 
     @property
@@ -69,13 +79,13 @@ class StepLog:
         return all(s.ok for s in self.steps)
 
     async def run(self, name: str, check: Callable[[], Awaitable[str]]) -> bool:
-        start = time.monotonic()
+        start = self.clock.monotonic()
         try:
             detail = await check()
         except errors.Error as e:
-            self.steps.append(Step(name, False, time.monotonic() - start, e.message))
+            self.steps.append(Step(name, False, self.clock.monotonic() - start, e.message))
             return False
-        self.steps.append(Step(name, True, time.monotonic() - start, detail))
+        self.steps.append(Step(name, True, self.clock.monotonic() - start, detail))
         return True
 
     def to_wire(self) -> dict[str, Any]:

@@ -13,9 +13,9 @@ import contextlib
 import logging
 import os
 import socket
-import time
 
 from vdsmconn import errors
+from vdsmconn.clock import Clock
 from vdsmconn.connectors.base import StepLog
 from vdsmconn.connectors.mount import HelperMountConnector
 from vdsmconn.host import gluster
@@ -46,7 +46,7 @@ class GlusterConnector(HelperMountConnector):
 
     @property
     def _cli_timeout(self) -> float:
-        return min(CLI_TIMEOUT, self.host.config.supervisor.command_timeout)
+        return min(CLI_TIMEOUT, self.host.settings.command_timeout)
 
     async def extra_options(self, spec: MountSpec) -> tuple[str, ...]:
         if any(o.partition("=")[0] == BACKUP_OPTION for o in spec.options()):
@@ -74,7 +74,7 @@ class GlusterConnector(HelperMountConnector):
         return []
 
     async def volume_info(self, volume: str, remote: str | None) -> gluster.Volume:
-        argv = [self.host.config.gluster_command, "--mode=script", "volume", "info", volume]
+        argv = [self.host.settings.gluster_command, "--mode=script", "volume", "info", volume]
         if remote is not None:
             argv.append(f"--remote-host={remote}")
         argv.append("--xml")
@@ -93,7 +93,7 @@ class GlusterConnector(HelperMountConnector):
 
     async def test(self, spec: MountSpec, timeout: float) -> StepLog:
         server, volume = split_connection(spec.connection)
-        steps = StepLog()
+        steps = StepLog(self.host.clock)
         addresses: list[str] = []
 
         async def resolve() -> str:
@@ -101,7 +101,7 @@ class GlusterConnector(HelperMountConnector):
             return f"{server} is {', '.join(addresses)}"
 
         async def connect() -> str:
-            return await _tcp_connect(addresses[0], GLUSTERD_PORT, timeout)
+            return await _tcp_connect(addresses[0], GLUSTERD_PORT, timeout, self.host.clock)
 
         async def info() -> str:
             v = await self.volume_info(volume, server)
@@ -130,8 +130,8 @@ async def _resolve(host: str, timeout: float) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
-async def _tcp_connect(address: str, port: int, timeout: float) -> str:
-    start = time.monotonic()
+async def _tcp_connect(address: str, port: int, timeout: float, clock: Clock) -> str:
+    start = clock.monotonic()
     target = join(address, port)
     try:
         async with asyncio.timeout(timeout):
@@ -143,4 +143,4 @@ async def _tcp_connect(address: str, port: int, timeout: float) -> str:
     writer.close()
     with contextlib.suppress(OSError):
         await writer.wait_closed()
-    return f"glusterd port {target} accepts ({time.monotonic() - start:.3f} s)"
+    return f"glusterd port {target} accepts ({clock.monotonic() - start:.3f} s)"

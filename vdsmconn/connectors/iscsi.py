@@ -29,9 +29,7 @@ from vdsmconn.connectors import iscsi_discovery
 from vdsmconn.connectors.base import Connected, Connector, HostContext, StepLog
 from vdsmconn.connectors.iscsi_paths import (
     DEFAULT_IFACE,
-    PROC_CONF,
     DiskReader,
-    RpFilter,
     best_error,
     netdev_up,
     node_portal,
@@ -42,6 +40,7 @@ from vdsmconn.connectors.iscsi_paths import (
 from vdsmconn.host import iscsi_parse
 from vdsmconn.host.iscsi_parse import Session
 from vdsmconn.host.iscsiadm import Iscsiadm
+from vdsmconn.host.rpfilter import PROC_CONF, RpFilter
 from vdsmconn.model import ConnectionKey, IscsiSpec
 from vdsmconn.state.actual import DOWN, UP, IscsiPath, IscsiState, PathPlan
 
@@ -53,24 +52,24 @@ SCAN_WAIT = 5.0  # seconds a connect waits for the disks of new sessions to appe
 class IscsiConnector(Connector[IscsiSpec]):
     def __init__(self, host: HostContext) -> None:
         super().__init__(host)
-        cfg = host.config.iscsi
+        cfg = host.settings.iscsi
         self.sysfs = cfg.sysfs_root
         # A test tree given as sysfs_root holds the device nodes too (dev/).
         dev = "/dev" if self.sysfs == "/sys" else os.path.join(self.sysfs, "dev")
-        self.disks = DiskReader(host.probes, host.config.supervisor.probe_timeout, dev,
+        self.disks = DiskReader(host.probes, host.settings.probe_timeout, dev,
                                 host.clock)
-        self.adm = Iscsiadm(host.runner, host.config.supervisor.command_timeout,
+        self.adm = Iscsiadm(host.runner, host.settings.command_timeout,
                             cfg.iscsiadm_command)
         self._logins: asyncio.Semaphore | None = None
         self._setup: asyncio.Lock | None = None
         # A test tree given as sysfs_root holds its rp_filter files too (proc-net-conf/).
         conf = PROC_CONF if self.sysfs == "/sys" else os.path.join(self.sysfs, "proc-net-conf")
-        self.rp_filter = RpFilter(self.adm.runner, host.config.supervisor.command_timeout, conf,
-                                  os.path.join(host.config.run_dir, "rp_filter"))
+        self.rp_filter = RpFilter(self.adm.runner, host.settings.command_timeout, conf,
+                                  os.path.join(host.settings.run_dir, "rp_filter"))
 
     def available(self) -> str | None:
         if not os.path.exists(os.path.join(self.sysfs, "class", "iscsi_transport")) and \
-                not _which(self.host.config.iscsi.iscsiadm_command):
+                not _which(self.host.settings.iscsi.iscsiadm_command):
             return "iscsiadm is not installed (open-iscsi)"
         if os.path.exists(os.path.join(self.sysfs, "class", "iscsi_transport", "tcp")):
             return None
@@ -86,7 +85,7 @@ class IscsiConnector(Connector[IscsiSpec]):
     @property
     def logins(self) -> asyncio.Semaphore:
         if self._logins is None:
-            self._logins = asyncio.Semaphore(self.host.config.iscsi.parallel_logins)
+            self._logins = asyncio.Semaphore(self.host.settings.iscsi.parallel_logins)
         return self._logins
 
     @property
@@ -97,7 +96,7 @@ class IscsiConnector(Connector[IscsiSpec]):
 
     async def _resolve(self, spec: IscsiSpec) -> str:
         address = await iscsi_discovery.resolve(spec.connection,
-                                           self.host.config.supervisor.probe_timeout)
+                                           self.host.settings.probe_timeout)
         self.state.addresses[spec.key] = address
         return address
 
@@ -185,7 +184,7 @@ class IscsiConnector(Connector[IscsiSpec]):
         if created:
             await self.adm.node_new(spec.iqn, portal, plan.iface)
         try:
-            cfg = self.host.config.iscsi
+            cfg = self.host.settings.iscsi
             settings: list[tuple[str, Any]] = [
                 ("node.startup", "manual"),
                 ("node.session.initial_login_retry_max", str(cfg.login_retries)),
@@ -294,7 +293,7 @@ class IscsiConnector(Connector[IscsiSpec]):
         sessions = self._sessions()
         relogin: list[PathPlan] = []
         now = self.host.clock.monotonic()
-        timeout = self.host.config.supervisor.probe_timeout
+        timeout = self.host.settings.probe_timeout
         for plan in plans:
             s = session_of(sessions, spec, address, plan.iface)
             ref = session_ref(spec, address, plan.iface)
@@ -402,7 +401,8 @@ class IscsiConnector(Connector[IscsiSpec]):
 
     async def test(self, spec: IscsiSpec, timeout: float) -> StepLog:
         return await iscsi_discovery.ConnectivityTest(
-            spec, timeout, self.host.runner, self.host.config.iscsi.inq_command).run()
+            spec, timeout, self.host.runner, self.host.settings.iscsi.inq_command,
+            self.host.clock).run()
 
 
 def _up(session: Session | None) -> bool:

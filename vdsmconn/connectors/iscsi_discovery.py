@@ -18,10 +18,10 @@ import contextlib
 import ipaddress
 import shutil
 import socket
-import time
 import urllib.parse
 
 from vdsmconn import errors
+from vdsmconn.clock import Clock
 from vdsmconn.connectors.base import StepLog
 from vdsmconn.host import probe
 from vdsmconn.host.address import join, unbracket
@@ -95,19 +95,20 @@ def initiator_name(spec: IscsiSpec) -> str:
 
 class ConnectivityTest:
     def __init__(self, spec: IscsiSpec, timeout: float, runner: CommandRunner,
-                 inq_command: str = "iscsi-inq") -> None:
+                 inq_command: str = "iscsi-inq", clock: Clock | None = None) -> None:
         self.spec = spec
         self.runner = runner
         self.inq_command = inq_command
-        self.deadline = time.monotonic() + timeout - min(1.0, timeout * 0.1)
+        self.clock = clock or Clock()
+        self.deadline = self.clock.monotonic() + timeout - min(1.0, timeout * 0.1)
         self.addresses: list[str] = []
         self.address = ""
 
     def left(self) -> float:
-        return max(0.05, self.deadline - time.monotonic())
+        return max(0.05, self.deadline - self.clock.monotonic())
 
     async def run(self) -> StepLog:
-        log = StepLog()
+        log = StepLog(self.clock)
         if (await log.run("resolve", self.resolve) and await log.run("connect", self.connect)
                 and shutil.which(self.inq_command) is not None):
             await log.run("login", self.login)

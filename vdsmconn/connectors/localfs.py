@@ -24,7 +24,7 @@ def _check_directory(path: str) -> None:
 
 class LocalConnector(Connector[LocalSpec]):
     def link(self, spec: LocalSpec) -> str:
-        return os.path.join(self.host.config.mount_root, spec.mount_name)
+        return os.path.join(self.host.settings.mount_root, spec.mount_name)
 
     def present(self, spec: LocalSpec) -> Connected | None:
         link = self.link(spec)
@@ -35,7 +35,7 @@ class LocalConnector(Connector[LocalSpec]):
         return Connected(path=link) if target == spec.connection else None
 
     async def _check(self, spec: LocalSpec) -> None:
-        timeout = self.host.config.supervisor.probe_timeout
+        timeout = self.host.settings.probe_timeout
         name = f"check of {spec.connection}"
         try:
             # One thread per directory at most: a directory in a dead NFS mount would
@@ -66,7 +66,7 @@ class LocalConnector(Connector[LocalSpec]):
         await self._check(spec)
 
     async def test(self, spec: LocalSpec, timeout: float) -> StepLog:
-        log = StepLog()
+        log = StepLog(self.host.clock)
 
         async def directory() -> str:
             await self._check(spec)

@@ -33,7 +33,6 @@ from vdsmconn.host.command import StuckCommand, tail
 from vdsmconn.host.links import make_link, remove_link
 from vdsmconn.model import ManagedSpec, mask_secrets
 from vdsmconn.state.actual import Attachment
-from vdsmconn.state.store import DeleteAttachment, PutAttachment
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +53,15 @@ class ManagedConnector(Connector[ManagedSpec]):
 
     @property
     def lock_path(self) -> str:
-        return os.path.join(self.host.config.state_dir, "brick-locks")
+        return os.path.join(self.host.settings.state_dir, "brick-locks")
 
     def link(self, volume_id: str) -> str:
-        return os.path.join(self.host.config.run_dir, "managed", volume_id)
+        return os.path.join(self.host.settings.run_dir, "managed", volume_id)
 
     def available(self) -> str | None:
-        if self.host.store is None:
+        if self.host.attachments is None:
             return "no state store for attachment records"
-        if self.host.config.managed.helper_command is None and \
+        if self.host.settings.managed.helper_command is None and \
                 importlib.util.find_spec("os_brick") is None:
             return "os-brick is not installed (pip install os-brick)"
         return None
@@ -83,11 +82,9 @@ class ManagedConnector(Connector[ManagedSpec]):
         """The attachment records, read from the store once (call before adopting)."""
         async with self._loading:
             if self.host.state.attachments is None:
-                store = self.host.store
-                found = await store.load_attachments() if store else {}
-                self.host.state.attachments = {
-                    volume: Attachment.from_store(volume, record)
-                    for volume, record in found.items()}
+                store = self.host.attachments
+                found = await store.attachments() if store else {}
+                self.host.state.attachments = found
                 log.info("ATTACHMENTS loaded=%d", len(found))
             return self.host.state.attachments
 
@@ -95,12 +92,12 @@ class ManagedConnector(Connector[ManagedSpec]):
         return self._records.get(spec.volumeID)
 
     async def _put(self, record: Attachment) -> None:
-        assert self.host.store is not None
-        await self.host.store.commit([PutAttachment(record.volume_id, record.to_store())])
+        assert self.host.attachments is not None
+        await self.host.attachments.put_attachment(record)
 
     async def _delete(self, volume_id: str) -> None:
-        assert self.host.store is not None
-        await self.host.store.commit([DeleteAttachment(volume_id)])
+        assert self.host.attachments is not None
+        await self.host.attachments.delete_attachment(volume_id)
 
     # --- the contract ----------------------------------------------------------------------
 
@@ -131,7 +128,7 @@ class ManagedConnector(Connector[ManagedSpec]):
         return await self._attach(spec.volumeID, info)
 
     async def _attach(self, volume_id: str, info: dict[str, Any]) -> Connected:
-        multipath = self.host.config.managed.multipath
+        multipath = self.host.settings.managed.multipath
         try:
             device_info = await self._call("connect", info, multipath)
         except errors.Timeout:  # killed half way: undo what it may have done
@@ -225,18 +222,18 @@ class ManagedConnector(Connector[ManagedSpec]):
         """Read the first sector in an abandonable thread; at most one per device."""
         try:
             await self.host.probes.run(path, lambda: read_sector(path), f"read of {path}",
-                                       self.host.config.supervisor.probe_timeout)
+                                       self.host.settings.probe_timeout)
         except errors.Timeout as e:
             raise errors.MountHung(e.message) from None
         except OSError as e:
             raise errors.ConnectError(f"{path} does not answer: {e.strerror or e}") from None
 
     async def test(self, spec: ManagedSpec, timeout: float) -> StepLog:
-        log_ = StepLog()
+        log_ = StepLog(self.host.clock)
 
         async def backend() -> str:
             self._require()
-            await self._call("check", spec.info(), self.host.config.managed.multipath)
+            await self._call("check", spec.info(), self.host.settings.managed.multipath)
             return f"os-brick can attach {spec.info().get('driver_volume_type')} volumes"
 
         await log_.run("os-brick", backend)
@@ -247,7 +244,7 @@ class ManagedConnector(Connector[ManagedSpec]):
         self._require()
         async with self._info_lock:
             if self._info is None or refresh:
-                found = await self._call("connector_info", {}, self.host.config.managed.multipath)
+                found = await self._call("connector_info", {}, self.host.settings.managed.multipath)
                 if not isinstance(found, dict):
                     raise errors.ManagedVolumeHelperFailed(
                         "os-brick returned no connector properties")
@@ -257,13 +254,13 @@ class ManagedConnector(Connector[ManagedSpec]):
     # --- the helper ----------------------------------------------------------------------
 
     def _argv(self) -> list[str]:
-        command = self.host.config.managed.helper_command
+        command = self.host.settings.managed.helper_command
         return shlex.split(command) if command else [sys.executable, "-m",
                                                      "vdsmconn.host.brick_helper"]
 
     async def _call(self, op: str, info: dict[str, Any], multipath: bool,
                     device_info: dict[str, Any] | None = None, force: bool = False) -> Any:
-        cfg = self.host.config.managed
+        cfg = self.host.settings.managed
         request = {
             "op": op, "protocol": str(info.get("driver_volume_type", "")),
             "connection_properties": info.get("data", {}), "device_info": device_info,

@@ -11,11 +11,11 @@ import tempfile
 from collections.abc import Mapping
 
 from vdsmconn import errors
-from vdsmconn.config import Config
 from vdsmconn.connectors.base import Connected, Connector, StepLog
 from vdsmconn.host import mountinfo, scope
 from vdsmconn.host.command import CommandRunner
 from vdsmconn.model import MountSpec, normalize_path, normalize_remote
+from vdsmconn.settings import HostSettings
 from vdsmconn.state.actual import ForeignMount
 
 log = logging.getLogger(__name__)
@@ -43,16 +43,16 @@ class MountConnector(Connector[MountSpec]):
     fstype: str | None = None  # fixed file system type (nfs, glusterfs) or None: the spec's
 
     def mountpoint(self, spec: MountSpec) -> str:
-        return os.path.join(self.host.config.mount_root, spec.mount_name)
+        return os.path.join(self.host.settings.mount_root, spec.mount_name)
 
     def available(self) -> str | None:
-        command = self.host.config.mount_command
+        command = self.host.settings.mount_command
         if shutil.which(command) is None:
             return f"{command} not found"
         return None
 
     def mount_argv(self, spec: MountSpec, target: str, extra: tuple[str, ...] = ()) -> list[str]:
-        argv = [self.host.config.mount_command]
+        argv = [self.host.settings.mount_command]
         fstype = self.fstype or spec.vfs_type
         if fstype:
             argv += ["-t", fstype]
@@ -106,12 +106,12 @@ class MountConnector(Connector[MountSpec]):
         return ()
 
     async def _mount(self, spec: MountSpec, path: str, extra: tuple[str, ...] = ()) -> None:
-        timeout = self.host.config.supervisor.command_timeout
+        timeout = self.host.settings.command_timeout
         argv = self.mount_argv(spec, path, (*await self.extra_options(spec), *extra))
         if self.is_fuse(spec) and scope.unavailable() is None:
             result = await scope.run_in_scope(
                 self.host.runner, argv, unit=scope.unit_name(path),
-                slice_=self.host.config.scope_slice,
+                slice_=self.host.settings.scope_slice,
                 description=f"vdsmconn mount of {spec.connection} on {path}", timeout=timeout)
         else:
             result = await self.host.runner.run(argv, timeout=timeout)
@@ -132,8 +132,8 @@ class MountConnector(Connector[MountSpec]):
             if self.host.probes.running(path) and mount.fstype.startswith("fuse"):
                 # Callers of a hung FUSE mount sleep uninterruptibly (our probe thread among
                 # them); only aborting the connection frees them.
-                await abort_fuse(self.host.runner, self.host.config, mount)
-            await unmount(self.host.runner, self.host.config, path)
+                await abort_fuse(self.host.runner, self.host.settings, mount)
+            await unmount(self.host.runner, self.host.settings, path)
         await asyncio.to_thread(_remove_dir, path)
 
     async def probe(self, spec: MountSpec) -> None:
@@ -142,14 +142,14 @@ class MountConnector(Connector[MountSpec]):
             raise errors.MountError(f"{path} is not mounted")
         try:
             await self.host.probes.run(path, lambda: _check_mountpoint(path), f"probe of {path}",
-                                       self.host.config.supervisor.probe_timeout)
+                                       self.host.settings.probe_timeout)
         except errors.Timeout as e:
             raise errors.MountHung(f"{path} does not answer: {e.message}") from None
         except OSError as e:
             raise _os_error(path, e) from None
 
     async def test(self, spec: MountSpec, timeout: float) -> StepLog:
-        log = StepLog()
+        log = StepLog(self.host.clock)
         if spec.connection.startswith("/") and not await log.run(
             "source", lambda: self._source_exists(spec.connection, timeout)
         ):
@@ -169,15 +169,15 @@ class MountConnector(Connector[MountSpec]):
 
     async def _test_mount(self, spec: MountSpec) -> str:
         """Mount read-only in a private temporary directory, then unmount."""
-        base = os.path.join(self.host.config.run_dir, "test")
+        base = os.path.join(self.host.settings.run_dir, "test")
         await asyncio.to_thread(os.makedirs, base, 0o700, True)
         target = await asyncio.to_thread(tempfile.mkdtemp, None, None, base)
         try:
             await self._mount(spec, target, extra=("ro",))
-            await unmount(self.host.runner, self.host.config, target)
+            await unmount(self.host.runner, self.host.settings, target)
         finally:
             if target in await read_mounts():
-                await unmount(self.host.runner, self.host.config, target)
+                await unmount(self.host.runner, self.host.settings, target)
             await asyncio.to_thread(_remove_dir, target)
         return f"{spec.connection} mounts read-only"
 
@@ -192,17 +192,17 @@ def _not_mounted(stderr: str) -> bool:
     return "not mounted" in stderr or "no mount point specified" in stderr
 
 
-async def unmount(runner: CommandRunner, config: Config, path: str) -> None:
+async def unmount(runner: CommandRunner, settings: HostSettings, path: str) -> None:
     """`umount`, then `umount -f`, then `umount -l`, each with a deadline, until `path` is no
     longer a mount point. "not mounted" is success. A step that cannot be killed raises
     `StuckCommand` (the key stays stuck); a ladder that ends with the mount still there
     raises `MountError`, or `Timeout` when its last step ran past its deadline."""
-    deadline = min(UMOUNT_STEP_TIMEOUT, config.supervisor.command_timeout)
+    deadline = min(UMOUNT_STEP_TIMEOUT, settings.command_timeout)
     last = "no step ran"
     timed_out: errors.Timeout | None = None
     for flags in ((), ("-f",), ("-l",)):
         # -c: no canonicalizing, which would stat the mount point and hang on a hung mount.
-        argv = [config.umount_command, "-c", *flags, path]
+        argv = [settings.umount_command, "-c", *flags, path]
         try:
             result = await runner.run(argv, timeout=deadline)
         except errors.Timeout as e:  # a StuckCommand is no Timeout: it goes up, key stuck
@@ -221,12 +221,13 @@ async def unmount(runner: CommandRunner, config: Config, path: str) -> None:
     raise errors.MountError(f"umount of {path} failed: {last}", {"path": path})
 
 
-async def abort_fuse(runner: CommandRunner, config: Config, mount: mountinfo.Mount) -> None:
+async def abort_fuse(runner: CommandRunner, settings: HostSettings,
+                     mount: mountinfo.Mount) -> None:
     """Abort the FUSE connection behind `mount` (fusectl), releasing every stuck caller."""
     minor = mount.major_minor.partition(":")[2]
     if FUSECTL not in await read_mounts():
-        await runner.run([config.mount_command, "-t", "fusectl", "fusectl", FUSECTL],
-                         timeout=min(UMOUNT_STEP_TIMEOUT, config.supervisor.command_timeout))
+        await runner.run([settings.mount_command, "-t", "fusectl", "fusectl", FUSECTL],
+                         timeout=min(UMOUNT_STEP_TIMEOUT, settings.command_timeout))
     try:
         await asyncio.to_thread(_write_abort, f"{FUSECTL}/{minor}/abort")
     except OSError as e:

@@ -21,9 +21,9 @@ import errno
 import logging
 import os
 import socket
-import time
 
 from vdsmconn import errors
+from vdsmconn.clock import Clock
 from vdsmconn.connectors.base import StepLog
 from vdsmconn.connectors.mount import NFS_FSTYPES, HelperMountConnector
 from vdsmconn.host import mountinfo, oncrpc, probe
@@ -73,8 +73,8 @@ class NfsConnector(HelperMountConnector):
 
     async def test(self, spec: MountSpec, timeout: float) -> StepLog:
         assert isinstance(spec, NfsSpec)
-        return await ConnectivityTest(spec, timeout, self.host.config.supervisor.probe_timeout
-                                      ).run()
+        return await ConnectivityTest(spec, timeout, self.host.settings.probe_timeout,
+                                      self.host.clock).run()
 
 
 # --- testStorageServer -----------------------------------------------------------------------
@@ -117,11 +117,13 @@ def _call_failure(what: str, target: str, e: BaseException, seconds: float) -> e
 class ConnectivityTest:
     """One run of the NFS connectivity test; each step within what is left of `timeout`."""
 
-    def __init__(self, spec: NfsSpec, timeout: float, resolve_timeout: float) -> None:
+    def __init__(self, spec: NfsSpec, timeout: float, resolve_timeout: float,
+                 clock: Clock | None = None) -> None:
         self.spec = spec
+        self.clock = clock or Clock()
         self.host = unbracket(split_remote(spec.connection)[0])
         # Finish a little before the service's own deadline, so the steps are reported.
-        self.deadline = time.monotonic() + timeout - min(1.0, timeout * 0.1)
+        self.deadline = self.clock.monotonic() + timeout - min(1.0, timeout * 0.1)
         self.resolve_timeout = resolve_timeout
         self.addresses: list[str] = []
         self.address = ""
@@ -129,10 +131,10 @@ class ConnectivityTest:
         self.nfs_version = 0
 
     def left(self) -> float:
-        return max(0.0, self.deadline - time.monotonic())
+        return max(0.0, self.deadline - self.clock.monotonic())
 
     async def run(self) -> StepLog:
-        log = StepLog()
+        log = StepLog(self.clock)
         try:
             ok = (await log.run("resolve", self.resolve)
                   and await log.run("connect", self.connect)

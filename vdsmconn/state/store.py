@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 from vdsmconn.errors import GeneralError
+from vdsmconn.state.actual import Attachment
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +183,18 @@ class Store:
     async def load_attachments(self) -> dict[str, dict[str, Any]]:
         records: dict[str, dict[str, Any]] = await self._call(_Read, _load_attachments)
         return records
+
+    # The attachment store of managed volumes (connectors.base.AttachmentStore).
+
+    async def attachments(self) -> dict[str, Attachment]:
+        return {volume: Attachment.from_store(volume, record)
+                for volume, record in (await self.load_attachments()).items()}
+
+    async def put_attachment(self, record: Attachment) -> None:
+        await self.commit([PutAttachment(record.volume_id, record.to_store())])
+
+    async def delete_attachment(self, volume_id: str) -> None:
+        await self.commit([DeleteAttachment(volume_id)])
 
     async def load_teardowns(self) -> dict[str, dict[str, Any]]:
         """Key -> connection of every teardown not known to be finished."""
