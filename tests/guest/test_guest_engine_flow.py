@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 import stomp  # type: ignore[import-untyped]
 
+from tests import daemon as daemon_module
 from tests.daemon import Daemon, mounted
 from tests.guest.fixtures import IscsiTarget, IscsiTargetFactory, NfsExport, sh
 from tests.tlscerts import Pki, make_pki
@@ -44,6 +45,9 @@ CALL_TIMEOUT = 300.0
 OUTAGE_TIMEOUT = 120.0  # outage -> event leaving connected
 REPAIR_TIMEOUT = 300.0  # server back -> event back to connected
 EVENT_TIMEOUT = 60.0  # anything else that should come soon
+# Start-up imports (pyroute2, ...) read from the 9p share under emulation on a busy host:
+# seen taking more than the 30 s tests/daemon.py allows.
+READY_TIMEOUT = 180.0
 
 
 def report(what: str, **figures: Any) -> None:
@@ -214,6 +218,11 @@ def free_port() -> int:
         return port
 
 
+@pytest.fixture
+def slow_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(daemon_module, "READY_TIMEOUT", READY_TIMEOUT)
+
+
 @contextlib.contextmanager
 def tls_daemon(tmp_path: Path, pki: Pki, **supervisor: float) -> Iterator[tuple[Daemon, int]]:
     """The real daemon with its TLS listener on 127.0.0.1 (the engine's CA trusted)."""
@@ -223,6 +232,9 @@ def tls_daemon(tmp_path: Path, pki: Pki, **supervisor: float) -> Iterator[tuple[
     try:
         d.start()
         yield d, port
+    except BaseException:
+        print("--- the daemon's log, last lines ---\n" + d.log()[-12000:])
+        raise
     finally:
         d.cleanup()
 
@@ -316,7 +328,7 @@ def engine_nfs(export: NfsExport) -> dict[str, Any]:
 
 
 def test_nfs_connect_outage_repair_disconnect_over_stomp(
-        tmp_path: Path, pki: Pki, nfs_export: NfsExport) -> None:
+        tmp_path: Path, pki: Pki, nfs_export: NfsExport, slow_start: None) -> None:
     (nfs_export.path / "hello").write_text("from the server\n")
     conn = engine_nfs(nfs_export)
     cid = f"vdsm:{conn['id']}"
@@ -417,7 +429,7 @@ def set_tpg(target: IscsiTarget, enabled: bool) -> None:
 
 
 def test_iscsi_connect_outage_repair_disconnect_over_stomp(
-        tmp_path: Path, pki: Pki, iscsi_target: IscsiTargetFactory) -> None:
+        tmp_path: Path, pki: Pki, iscsi_target: IscsiTargetFactory, slow_start: None) -> None:
     t = iscsi_target()
     conn = engine_iscsi(t)
     cid = f"vdsm:{conn['id']}"
