@@ -118,7 +118,12 @@ class Daemon:
                 elif why:
                     log.warning("NETLINK not watching links: %s", why)
                 if (why := udev.available()) is None:
-                    tasks.create_task(udev.UdevWatcher().run(lambda _e: reconciler.on_devices()))
+                    host.devices.watched = True
+
+                    def on_device(_event: udev.DeviceEvent) -> None:
+                        host.devices.changed()  # a connect waiting for its LUNs looks again
+                        reconciler.on_devices()
+                    tasks.create_task(udev.UdevWatcher().run(on_device))
                 else:
                     log.warning("UDEV not watching block devices: %s", why)
                 dispatcher = jsonrpc.Dispatcher(

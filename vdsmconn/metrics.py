@@ -340,6 +340,9 @@ class TimedConnector(Connector[Any]):
     async def disconnect(self, spec: Any, force: bool = False) -> None:
         await self._metrics.timed("disconnect", spec, self.inner.disconnect(spec, force))
 
+    async def settle(self, spec: Any, found: Connected) -> Connected:
+        return await self.inner.settle(spec, found)
+
     def present(self, spec: Any) -> Connected | None:
         return self.inner.present(spec)
 

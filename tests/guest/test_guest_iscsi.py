@@ -316,7 +316,7 @@ async def _bond_scenario(t: IscsiTarget, multipath: Multipath) -> None:
             watching.result()  # the watcher's own error, if it failed
         assert watcher.ready.is_set(), "netlink watcher not ready within 60 s"
         report("netlink watcher", ready_s=round(time.monotonic() - started, 2))
-        found = await connector.connect(spec)
+        found = await connector.settle(spec, await connector.connect(spec))
         assert found.paths is not None and not found.degraded
         # l1 is not the route to the portal: strict reverse-path filtering would drop the
         # portal's replies there; it is loose while the session uses it.

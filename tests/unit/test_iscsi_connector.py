@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,8 +18,9 @@ import pytest
 
 from tests.unit.test_iscsi_parse import write_session
 from vdsmconn import config, errors
-from vdsmconn.connectors.base import HostContext
-from vdsmconn.connectors.iscsi import IscsiConnector
+from vdsmconn.clock import Clock, FakeClock
+from vdsmconn.connectors.base import Connected, HostContext
+from vdsmconn.connectors.iscsi import SCAN_WAIT, IscsiConnector
 from vdsmconn.connectors.iscsi_discovery import discover_send_targets
 from vdsmconn.connectors.iscsi_paths import initiator_iface
 from vdsmconn.host.command import Arg, Result
@@ -79,6 +81,11 @@ class HostRunner(FakeRunner):
         return await super().run(argv, timeout=timeout, input=input, check=check, env=env)
 
 
+async def connect(c: IscsiConnector, s: IscsiSpec) -> Connected:
+    """A connect as the supervisor makes it: the logins, then the disks settled."""
+    return await c.settle(s, await c.connect(s))
+
+
 def wire(paths: Sequence[PathStatus] | None) -> list[dict[str, Any]]:
     """The `paths` of a status as a client reads them."""
     return [p.to_wire() for p in paths or ()]
@@ -115,13 +122,14 @@ def runner(sysfs: Path) -> HostRunner:
 
 
 def make(sysfs: Path, runner: FakeRunner, parallel: int = 10,
-         probe_timeout: float = 10.0) -> IscsiConnector:
+         probe_timeout: float = 10.0, clock: Clock | None = None) -> IscsiConnector:
     base = config.Config()
     cfg = dataclasses.replace(
         base, run_dir=str(sysfs.parent / "run"),
         iscsi=dataclasses.replace(base.iscsi, parallel_logins=parallel, sysfs_root=str(sysfs)),
         supervisor=dataclasses.replace(base.supervisor, probe_timeout=probe_timeout))
-    return IscsiConnector(HostContext(config.host_settings(cfg), runner))
+    return IscsiConnector(HostContext(config.host_settings(cfg), runner,
+                                      clock=clock or Clock()))
 
 
 def expect_setup(runner: FakeRunner) -> None:
@@ -160,7 +168,7 @@ async def test_connect_sets_up_node_then_logs_in(sysfs: Path, runner: HostRunner
     caplog.set_level(logging.DEBUG)
     c = make(sysfs, runner)
     s = spec(tpgt=1, user="u1", password=Secret(PASSWORD))
-    found = await c.connect(s)
+    found = await connect(c, s)
     node = ("iscsiadm", "-m", "node", "-T", IQN, "-p", "10.77.4.2:3260,1", "-I", "default")
     upd = (*node, "-o", "update", "-n")
     assert runner.argvs == [
@@ -183,13 +191,62 @@ async def test_connect_sets_up_node_then_logs_in(sysfs: Path, runner: HostRunner
     assert PASSWORD not in caplog.text
 
 
+def unscanned(sysfs: Path, sid: int) -> Path:
+    """Session `sid` as it is right after its login: the kernel has not shown its LUN yet."""
+    session = sysfs / "class" / "iscsi_session" / f"session{sid}"
+    lun = next((session / "device").glob("target*/*"))
+    shutil.rmtree(lun / "block")
+    return lun / "block"
+
+
+async def settle_started(c: IscsiConnector, s: IscsiSpec, clock: FakeClock,
+                         found: Connected) -> asyncio.Task[Connected]:
+    settling = asyncio.create_task(c.settle(s, found))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not settling.done() and clock.pending(), "settle does not wait for the scan"
+    return settling
+
+
+async def test_settle_waits_for_the_lun_scan_event_not_a_poll(sysfs: Path,
+                                                            runner: HostRunner) -> None:
+    expect_setup(runner)
+    clock = FakeClock()
+    c = make(sysfs, runner, clock=clock)
+    c.host.devices.watched = True  # udev tells of block devices
+    s = spec()
+    found = await c.connect(s)
+    block = unscanned(sysfs, 1)
+    settling = await settle_started(c, s, clock, c.present(s) or found)
+    (block / "sdb").mkdir(parents=True)  # the kernel scanned the LUN: udev says so
+    c.host.devices.changed()
+    settled = await asyncio.wait_for(settling, 5)  # no clock time passed
+    assert settled.path == "/dev/sdb" and not settled.degraded
+
+
+async def test_settle_gives_up_waiting_for_a_lun_after_the_scan_wait(
+        sysfs: Path, runner: HostRunner) -> None:
+    expect_setup(runner)
+    clock = FakeClock()
+    c = make(sysfs, runner, clock=clock)
+    c.host.devices.watched = True
+    s = spec()
+    found = await c.connect(s)
+    unscanned(sysfs, 1)
+    settling = await settle_started(c, s, clock, found)
+    c.host.devices.changed()  # another device: still none of ours
+    await clock.advance(SCAN_WAIT)
+    settled = await asyncio.wait_for(settling, 5)
+    assert settled.path is None and wire(settled.paths)[0]["state"] == "up"  # no LUN: a target
+
+
 async def test_failed_login_deletes_the_record_it_created(sysfs: Path,
                                                           runner: HostRunner) -> None:
     expect_setup(runner)
     runner.login_rc["default"] = 20
     c = make(sysfs, runner)
     with pytest.raises(errors.IscsiSetupError) as caught:
-        await c.connect(spec(tpgt=1))
+        await connect(c, spec(tpgt=1))
     assert "20 - could not connect to iscsid" in caught.value.message
     node = ("iscsiadm", "-m", "node", "-T", IQN, "-p", "10.77.4.2:3260,1", "-I", "default")
     assert runner.argvs[-2:] == [(*node, "--login"), (*node, "-o", "delete")]
@@ -200,7 +257,7 @@ async def test_chap_rejected_is_476(sysfs: Path, runner: HostRunner) -> None:
     runner.login_rc["default"] = 24
     c = make(sysfs, runner)
     with pytest.raises(errors.IscsiAuthError):
-        await c.connect(spec(user="u", password=Secret("wrong")))
+        await connect(c, spec(user="u", password=Secret("wrong")))
 
 
 async def test_bond_one_path_per_interface_missing_skipped(sysfs: Path,
@@ -210,7 +267,7 @@ async def test_bond_one_path_per_interface_missing_skipped(sysfs: Path,
     netdev(sysfs, "eth2")
     c = make(sysfs, runner)
     s = spec(netIfaceNames=("eth1", "ethX", "eth2"))
-    found = await c.connect(s)
+    found = await connect(c, s)
     assert found.paths is not None
     assert [(p["iface"], p["netdev"], p["state"]) for p in wire(found.paths)] == [
         ("eth1", "eth1", "up"), ("eth2", "eth2", "up")]
@@ -230,7 +287,7 @@ async def test_bond_without_any_interface_uses_default(sysfs: Path,
                                                        runner: HostRunner) -> None:
     expect_setup(runner)
     c = make(sysfs, runner)
-    found = await c.connect(spec(netIfaceNames=("nope0", "nope1")))
+    found = await connect(c, spec(netIfaceNames=("nope0", "nope1")))
     assert found.paths is not None and [p["iface"] for p in wire(found.paths)] == ["default"]
 
 
@@ -241,7 +298,7 @@ async def test_bond_some_present_all_fail_is_failed(sysfs: Path, runner: HostRun
     runner.login_rc.update(eth1=20, eth2=20)
     c = make(sysfs, runner)
     with pytest.raises(errors.IscsiSetupError):
-        await c.connect(spec(netIfaceNames=("eth1", "eth2")))
+        await connect(c, spec(netIfaceNames=("eth1", "eth2")))
 
 
 async def test_bond_one_path_failing_is_degraded(sysfs: Path, runner: HostRunner) -> None:
@@ -250,7 +307,7 @@ async def test_bond_one_path_failing_is_degraded(sysfs: Path, runner: HostRunner
     netdev(sysfs, "eth2")
     runner.login_rc["eth2"] = 20
     c = make(sysfs, runner)
-    found = await c.connect(spec(netIfaceNames=("eth1", "eth2")))
+    found = await connect(c, spec(netIfaceNames=("eth1", "eth2")))
     assert found.degraded and found.paths is not None
     down = wire(found.paths)[1]
     assert down["state"] == "down" and down["lastError"]["code"] == 465
@@ -263,7 +320,7 @@ async def test_iface_bound_elsewhere_is_never_rebound(sysfs: Path, runner: HostR
     netdev(sysfs, "eth1")
     c = make(sysfs, runner)
     with pytest.raises(errors.IscsiIfaceError) as caught:
-        await c.connect(spec(netIfaceName="eth1"))
+        await connect(c, spec(netIfaceName="eth1"))
     assert "bound to eth9" in caught.value.message
     assert not any("update" in argv and "iface" in argv[2] for argv in runner.argvs)
 
@@ -275,7 +332,7 @@ async def test_initiator_name_gets_an_iface_of_its_own(sysfs: Path,
     name = "iqn.2026-11.org.example:host7"
     iface = initiator_iface(name)
     assert iface.startswith("vdsmconn-") and iface != initiator_iface(name + "x")
-    found = await c.connect(spec(initiatorName=name))
+    found = await connect(c, spec(initiatorName=name))
     assert found.paths is not None and [p["iface"] for p in wire(found.paths)] == [iface]
     assert runner.argvs[:3] == [
         ("iscsiadm", "-m", "iface"),
@@ -295,7 +352,7 @@ async def test_iface_logging_in_as_another_initiator_is_not_changed(
     netdev(sysfs, "eth1")
     c = make(sysfs, runner)
     with pytest.raises(errors.IscsiIfaceError) as caught:
-        await c.connect(spec(netIfaceName="eth1", initiatorName="iqn.2026-11.org.example:me"))
+        await connect(c, spec(netIfaceName="eth1", initiatorName="iqn.2026-11.org.example:me"))
     assert caught.value.code == 473
     assert "logs in as iqn.2026-11.org.example:other" in caught.value.message
     assert not any("--login" in argv for argv in runner.argvs)
@@ -308,7 +365,7 @@ async def test_parallel_logins_capped(sysfs: Path, runner: HostRunner, cap: int)
     for name in names:
         netdev(sysfs, name)
     c = make(sysfs, runner, parallel=cap)
-    found = await c.connect(spec(netIfaceNames=tuple(names)))
+    found = await connect(c, spec(netIfaceNames=tuple(names)))
     assert found.paths is not None and len(found.paths) == 6
     assert sum("--login" in argv for argv in runner.argvs) == 6
     assert runner.most == cap  # reached, never passed
@@ -319,8 +376,8 @@ async def test_two_keys_logout_only_after_the_last(sysfs: Path, runner: HostRunn
     c = make(sysfs, runner)
     any_tpgt, tpgt1 = spec(), spec(tpgt=1)
     assert any_tpgt.key != tpgt1.key
-    await c.connect(any_tpgt)
-    await c.connect(tpgt1)
+    await connect(c, any_tpgt)
+    await connect(c, tpgt1)
     await c.disconnect(any_tpgt)
     assert not any("--logout" in argv for argv in runner.argvs)
     assert c.present(tpgt1) is not None
@@ -333,7 +390,7 @@ async def test_logout_failure_is_474_and_kept(sysfs: Path, runner: HostRunner) -
     expect_setup(runner)
     c = make(sysfs, runner)
     s = spec()
-    await c.connect(s)
+    await connect(c, s)
     failing = _Suffix(["--logout"])
     failing.rc = 10
     runner.expectations.insert(0, failing)  # type: ignore[arg-type]
@@ -348,7 +405,7 @@ async def test_logout_past_its_deadline_is_480(sysfs: Path, runner: HostRunner) 
     expect_setup(runner)
     c = make(sysfs, runner)
     s = spec()
-    await c.connect(s)
+    await connect(c, s)
     slow = _Suffix(["--logout"])
     slow.timeout = True
     runner.expectations.insert(0, slow)  # type: ignore[arg-type]
@@ -364,7 +421,7 @@ async def test_node_setup_past_its_deadline_is_480(sysfs: Path, runner: HostRunn
     slow.timeout = True
     runner.expectations.insert(0, slow)  # type: ignore[arg-type]
     with pytest.raises(errors.Timeout) as caught:
-        await make(sysfs, runner).connect(spec())
+        await connect(make(sysfs, runner), spec())
     assert caught.value.code == 480 and "-o update" in caught.value.message
 
 
@@ -390,7 +447,7 @@ async def test_failing_disk_keeps_its_path_down_until_it_answers(
     netdev(sysfs, "eth2")
     c = make(sysfs, runner)
     s = spec(netIfaceNames=("eth1", "eth2"))
-    await c.connect(s)
+    await connect(c, s)
     assert states(c, s) == (False, [("up", None), ("up", None)])
     node = sysfs / "dev" / "sdc"  # the disk of eth2's session
     node.unlink()  # reads of it fail
@@ -406,7 +463,7 @@ async def test_failing_disk_keeps_its_path_down_until_it_answers(
     assert caught.value.message == "/dev/sdb does not answer: No such file or directory"
     assert states(c, s) == (True, [("down", 481), ("down", 481)])
     with pytest.raises(errors.StaleMount):
-        await c.connect(s)  # a reconnect reads the disks too: still down
+        await connect(c, s)  # a reconnect reads the disks too: still down
     disk_node(sysfs, "sdb")
     disk_node(sysfs, "sdc")
     await c.probe(s)
@@ -418,7 +475,7 @@ async def test_hung_disk_is_stuck_with_one_thread_however_often_probed(
     expect_setup(runner)
     c = make(sysfs, runner, probe_timeout=0.1)
     s = spec()
-    await c.connect(s)
+    await connect(c, s)
     node = sysfs / "dev" / "sdb"
     node.unlink()
     os.mkfifo(node)  # opening it blocks until a writer comes: a read that hangs
@@ -513,7 +570,7 @@ async def test_rp_filter_loosened_off_route_and_restored(sysfs: Path,
     strict_bond(sysfs, runner)
     c = make(sysfs, runner)
     s = spec(netIfaceNames=("eth1", "eth2"))
-    await c.connect(s)
+    await connect(c, s)
     # eth1 is the route to the portal: left strict; eth2 is not: loose while used.
     assert (sysfs / "proc-net-conf" / "eth1" / "rp_filter").read_text().strip() == "1"
     assert (sysfs / "proc-net-conf" / "eth2" / "rp_filter").read_text().strip() == "2"
@@ -528,7 +585,7 @@ async def test_rp_filter_restored_by_a_restarted_daemon(sysfs: Path,
     which never loosened it, restores it when it disconnects."""
     strict_bond(sysfs, runner)
     s = spec(netIfaceNames=("eth1", "eth2"))
-    await make(sysfs, runner).connect(s)
+    await connect(make(sysfs, runner), s)
     rp = sysfs / "proc-net-conf" / "eth2" / "rp_filter"
     assert rp.read_text().strip() == "2"
     assert (sysfs.parent / "run" / "rp_filter" / "eth2").read_text() == "1"
@@ -546,7 +603,7 @@ async def test_probe_logs_missing_path_in_again_without_setup(sysfs: Path,
     netdev(sysfs, "eth2")
     c = make(sysfs, runner)
     s = spec(netIfaceNames=("eth1", "eth2"))
-    await c.connect(s)
+    await connect(c, s)
     session = next(p for p in (sysfs / "class" / "iscsi_session").iterdir()
                    if (p / "ifacename").read_text().strip() == "eth2")
     (session / "targetname").unlink()  # the session is gone
@@ -571,15 +628,16 @@ async def test_session_failed_beyond_probe_timeout_is_logged_out_and_in(
     cfg = dataclasses.replace(
         base, iscsi=dataclasses.replace(base.iscsi, sysfs_root=str(sysfs)),
         supervisor=dataclasses.replace(base.supervisor, probe_timeout=0.05))
-    c = IscsiConnector(HostContext(config.host_settings(cfg), runner))
+    clock = FakeClock()
+    c = IscsiConnector(HostContext(config.host_settings(cfg), runner, clock=clock))
     s = spec()
-    await c.connect(s)
+    await connect(c, s)
     state = sysfs / "class" / "iscsi_session" / "session1" / "state"
     state.write_text("FAILED\n")
     with pytest.raises(errors.IscsiSetupError, match="no path"):
         await c.probe(s)  # first seen FAILED: left to iscsid's recovery for now
     assert not any("--logout" in argv for argv in runner.argvs)
-    await asyncio.sleep(0.1)
+    await clock.advance(0.1)
     await c.probe(s)  # FAILED beyond probe_timeout: logged out and in again
     assert [argv[-1] for argv in runner.argvs[-2:]] == ["--logout", "--login"]
     found = c.present(s)
@@ -590,7 +648,7 @@ async def test_unmanaged_sessions_are_listed(sysfs: Path, runner: HostRunner) ->
     expect_setup(runner)
     c = make(sysfs, runner)
     s = spec()
-    await c.connect(s)
+    await connect(c, s)
     write_session(sysfs, 7, "iqn.2003-01.org.other:t9", "10.9.9.9", 3260, 1, "default")
     assert [(x.sid, x.iqn) for x in c.unmanaged([s])] == [(7, "iqn.2003-01.org.other:t9")]
     assert {x.sid for x in c.unmanaged([])} == {1, 7}

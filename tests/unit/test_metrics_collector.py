@@ -179,7 +179,8 @@ async def test_operations_are_timed_and_a_scrape_never_waits_for_one(
     assert getattr(timed.inner, "extra") == "passes through"  # noqa: B009 - backend extras
     s = spec("vc-e")
     connecting = asyncio.create_task(timed.connect(s))
-    await asyncio.sleep(0.01)
+    for _ in range(5):  # it starts, and waits for `release`
+        await asyncio.sleep(0)
     server = metrics.MetricsServer(m, f"127.0.0.1:{free_port()}")
     server.start()
     try:

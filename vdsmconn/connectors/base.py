@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
@@ -30,6 +31,37 @@ class AttachmentStore(Protocol):
     async def delete_attachment(self, volume_id: str) -> None: ...
 
 
+class DeviceEvents:
+    """Block devices came or went (udev): wakes whoever waits for the kernel to show one.
+
+    Without a watcher feeding it (`watched` False: no udev here), a wait looks again after a
+    short pause instead."""
+
+    RECHECK = 0.05  # seconds between looks when nothing tells us of devices
+
+    def __init__(self) -> None:
+        self.watched = False
+        self._event = asyncio.Event()
+
+    def changed(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, clock: Clock, timeout: float) -> None:
+        """Until the next change, or `timeout` seconds on `clock`."""
+        if not self.watched:
+            await clock.sleep(min(timeout, self.RECHECK))
+            return
+        sleeper = asyncio.ensure_future(clock.sleep(timeout))
+        waker = asyncio.ensure_future(self._event.wait())
+        try:
+            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sleeper, waker):
+                task.cancel()
+            await asyncio.gather(sleeper, waker, return_exceptions=True)
+
+
 @dataclass
 class HostContext:
     """What connectors may use: settings, the command runner, the host state they read and
@@ -42,6 +74,7 @@ class HostContext:
     state: HostState = field(default_factory=HostState)
     clock: Clock = field(default_factory=Clock)
     attachments: AttachmentStore | None = None  # where managed volumes' records are kept
+    devices: DeviceEvents = field(default_factory=DeviceEvents)
     probes: Probes = field(default_factory=Probes)
     kernel: Kernel = field(default_factory=Kernel)  # what the running kernel can do
 
@@ -105,6 +138,13 @@ class Connector(abc.ABC, Generic[S]):
     @abc.abstractmethod
     async def connect(self, spec: S) -> Connected:
         """Bring the connection up; idempotent when it is already up."""
+
+    async def settle(self, spec: S, found: Connected) -> Connected:
+        """After a successful `connect`, outside its operation slot: wait for what the host
+        does on its own after a connect (the kernel's LUN scan after an iSCSI login) and
+        check the result; raise an `errors.Error` if the connection is not usable. Nothing
+        to wait for by default."""
+        return found
 
     @abc.abstractmethod
     async def disconnect(self, spec: S, force: bool = False) -> None:

@@ -21,7 +21,6 @@ import asyncio
 import logging
 import os
 import shutil
-import time
 from typing import Any
 
 from vdsmconn import errors
@@ -127,6 +126,7 @@ class IscsiConnector(Connector[IscsiSpec]):
     # --- connect -------------------------------------------------------------------------
 
     async def connect(self, spec: IscsiSpec) -> Connected:
+        """Node setup and logins; `settle` then waits for the disks and reads them."""
         address = await self._resolve(spec)
         plans = plan_paths(spec, self.sysfs)
         self.state.plans[spec.key] = plans
@@ -134,26 +134,36 @@ class IscsiConnector(Connector[IscsiSpec]):
         sessions = self._sessions()
         todo = [p for p in plans if not _up(session_of(sessions, spec, address, p.iface))]
         await self._bring_up(spec, address, todo, statuses)
-        found = await self._scanned(spec)
-        if found is not None:
+        return self.present(spec) or Connected()
+
+    async def settle(self, spec: IscsiSpec, found: Connected) -> Connected:
+        """Once the kernel has scanned the LUNs of new sessions, every path's disks must
+        answer a read; no path up is the best error of the paths."""
+        address = self._address(spec)
+        plans = self.state.plans.get(spec.key) or plan_paths(spec, self.sysfs)
+        statuses = self._statuses(spec, plans)
+        now = await self._scanned(spec)
+        if now is not None:
             await self._check_paths(spec, address, plans, statuses)
-            found = self.present(spec)
-        if found is None or not any(s.state == UP for s in statuses.values()):
+            now = self.present(spec)
+        if now is None or not any(s.state == UP for s in statuses.values()):
             failures = [s.last_error for s in statuses.values() if s.last_error is not None]
             raise best_error(failures) if failures else errors.IscsiSetupError(
                 f"no session to {spec.iqn} at {spec.portal} after login")
-        return found
+        return now
 
     async def _scanned(self, spec: IscsiSpec) -> Connected | None:
         """What is present once the kernel has scanned the LUNs of the new sessions (it does
-        so after the login returns), or after SCAN_WAIT seconds (a target may have none)."""
-        deadline = time.monotonic() + SCAN_WAIT
+        so after the login returns: a udev event tells), or after SCAN_WAIT seconds (a
+        target may have none)."""
+        clock = self.host.clock
+        deadline = clock.monotonic() + SCAN_WAIT
         while True:
             found = self.present(spec)
-            if found is None or any(p.devices for p in found.paths or ()) or \
-                    time.monotonic() > deadline:  # a down path's disks count: they are there
-                return found
-            await asyncio.sleep(0.05)
+            left = deadline - clock.monotonic()
+            if found is None or any(p.devices for p in found.paths or ()) or left <= 0:
+                return found  # a down path's disks count: they are there
+            await self.host.devices.wait(clock, left)
 
     async def _bring_up(self, spec: IscsiSpec, address: str, plans: list[PathPlan],
                         statuses: dict[str, IscsiPath]) -> None:

@@ -231,16 +231,33 @@ async def run_in_scope(
 
 
 async def _read_pid(fd: int, task: asyncio.Future[Result], timeout: float) -> int | None:
-    """The gate's pid, or None if the gate ended (the task then tells why)."""
-    deadline = time.monotonic() + timeout
+    """The gate's pid, or None if the gate ended or did not write it in time (the task
+    then tells why). Woken by the loop when the FIFO is readable, never polled."""
+    loop = asyncio.get_running_loop()
+    line = loop.create_future()
     data = b""
-    while time.monotonic() < deadline and not task.done():
+
+    def readable() -> None:
+        nonlocal data
         try:
             data += os.read(fd, 64)
         except OSError as e:
-            if e.errno != errno.EAGAIN:
-                raise
-        if data.endswith(b"\n"):
-            return int(data)
-        await asyncio.sleep(0.005)
+            if e.errno != errno.EAGAIN and not line.done():
+                line.set_exception(e)
+            return
+        if data.endswith(b"\n") and not line.done():
+            try:
+                line.set_result(int(data))
+            except ValueError as e:
+                line.set_exception(e)
+
+    loop.add_reader(fd, readable)
+    try:
+        await asyncio.wait({line, task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        loop.remove_reader(fd)
+    if line.done():
+        pid: int = line.result()
+        return pid
+    line.cancel()
     return None

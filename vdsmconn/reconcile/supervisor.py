@@ -190,6 +190,8 @@ class Supervisor:
         try:
             async with self.rec.limits.slot(spec):
                 found = await connector.connect(spec)
+            # Waiting for the kernel (an iSCSI LUN scan) holds no slot.
+            found = await connector.settle(spec, found)
         except errors.Error as e:
             log.warning("CONNECT key=%s failed code=%s: %s", self.key, e.code, e.message)
             await self._fail(State.FAILED, e)
