@@ -115,16 +115,35 @@ class _Request:
     future: asyncio.Future[Any]
 
     def settle(self, result: Any = None, exc: BaseException | None = None) -> None:
-        def settle() -> None:
-            if self.future.done():  # the caller gave up waiting
-                return
-            if exc is None:
-                self.future.set_result(result)
-            else:
-                self.future.set_exception(exc)
+        _settle_all([(self, result, exc)])
 
+    def resolve(self, result: Any, exc: BaseException | None) -> None:
+        """Set the outcome; on the caller's loop."""
+        if self.future.done():  # the caller gave up waiting
+            return
+        if exc is None:
+            self.future.set_result(result)
+        else:
+            self.future.set_exception(exc)
+
+
+_Outcome: TypeAlias = tuple[_Request, Any, BaseException | None]
+
+
+def _settle_all(outcomes: list[_Outcome]) -> None:
+    """Hand outcomes to their callers' loops, one wake-up per loop: settling a commit group
+    call by call cost the loop a thread hop (and the writer a wait for the GIL) per call."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
+    for outcome in outcomes:
+        by_loop.setdefault(outcome[0].loop, []).append(outcome)
+    for loop, some in by_loop.items():
         with suppress(RuntimeError):  # a closed loop: nobody waits any more
-            self.loop.call_soon_threadsafe(settle)
+            loop.call_soon_threadsafe(_resolve_all, some)
+
+
+def _resolve_all(outcomes: list[_Outcome]) -> None:
+    for request, result, exc in outcomes:
+        request.resolve(result, exc)
 
 
 @dataclass
@@ -299,8 +318,7 @@ class Store:
                 else:
                     call.settle()
         else:
-            for call in group:
-                call.settle()
+            _settle_all([(call, None, None) for call in group])
 
     def _commit_batches(self, conn: sqlite3.Connection, batches: list[tuple[Op, ...]]) -> None:
         now = self._clock()
