@@ -44,7 +44,13 @@ class FakeClock(Clock):
         return sorted(d for d, _, f in self._sleepers if not f.done())
 
     async def advance(self, seconds: float) -> None:
-        """Move time forward, waking every sleeper whose deadline has come, in order."""
+        """Move time forward, waking every sleeper whose deadline has come, in order.
+
+        Tasks that are about to sleep (a `sleep` scheduled but not yet started) get to
+        register first: a test that advances as soon as it sees a retry announced must not
+        move time past a sleeper that has not begun."""
+        for _ in range(5):
+            await asyncio.sleep(0)
         target = self._now + seconds
         while self._sleepers and self._sleepers[0][0] <= target:
             deadline, _, fut = heapq.heappop(self._sleepers)
