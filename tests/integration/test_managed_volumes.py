@@ -215,9 +215,10 @@ async def _vanish_and_restore(world: World, loop: Loop) -> None:
     await world.wait_state(key, State.CONNECTED)
     started = time.monotonic()
     loop.detach()
-    st = await world.wait_state(key, State.FAILED, timeout=10)
+    st = await world.wait_state(key, State.FAILED, timeout=30)
     noticed = time.monotonic() - started
-    assert noticed < 5.0, f"the detach was noticed after {noticed:.2f}s, not by an event"
+    # Probes are 60 s apart: only the udev event explains noticing it before that.
+    assert noticed < 30.0, f"the detach was noticed after {noticed:.2f}s, not by an event"
     assert st.last_error is not None
     await asyncio.sleep(1.0)
     now = world.state(key)

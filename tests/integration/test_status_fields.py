@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,13 @@ def test_failing_connection_shows_its_path_and_recovery_clears_the_error(
 ) -> None:
     data = tmp_path / "later"
     daemon.call("manageStorageServer", connectionID="s", connection=f"localfs://{data}")
-    failing = daemon.wait_attempts("s", 2)
+    failing: dict[str, Any] = {}
+
+    def failed_twice() -> bool:
+        nonlocal failing
+        failing = daemon.call("getStorageServerList", connectionIDs=["s"])["s"]
+        return failing["state"] == "failed" and failing["attempts"] >= 2
+    daemon._until("not failed twice", failed_twice, 20)
     link = f"{daemon.mount_root}/{str(data).replace('_', '__').replace('/', '_')}"
     assert failing["state"] == "failed" and failing["path"] == link
     assert failing["lastError"]["code"] == 451

@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from tests.daemon import Daemon
+from vdsmconn import manpage
 
 pytestmark = pytest.mark.root
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "vdsmconn.service"
@@ -181,7 +182,13 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     unit = tmp_path / "vdsmconn.service"
     unit.write_text(UNIT.read_text().replace("ExecStart=/usr/bin/vdsmconnd",
                                              f"ExecStart={daemon}"))
+    # Its Documentation= names the man pages the packages install: verify asks man for them.
+    for page in manpage.write(tmp_path / "man" / "tmp"):
+        section = tmp_path / "man" / f"man{page.suffix[1:]}"
+        section.mkdir(exist_ok=True)
+        page.rename(section / page.name)
+    env = dict(os.environ, MANPATH=str(tmp_path / "man"))
     proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
-                          text=True, timeout=60, check=False)
+                          text=True, timeout=60, check=False, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout + proc.stderr == ""
