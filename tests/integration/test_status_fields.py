@@ -22,7 +22,7 @@ def test_failing_connection_shows_its_path_and_recovery_clears_the_error(
     def failed_twice() -> bool:
         nonlocal failing
         failing = daemon.call("getStorageServerList", connectionIDs=["s"])["s"]
-        return failing["state"] == "failed" and failing["attempts"] >= 2
+        return bool(failing["state"] == "failed" and failing["attempts"] >= 2)
     daemon._until("not failed twice", failed_twice, 20)
     link = f"{daemon.mount_root}/{str(data).replace('_', '__').replace('/', '_')}"
     assert failing["state"] == "failed" and failing["path"] == link
