@@ -149,6 +149,20 @@ async def test_cancel_kills_the_process_group(runner: CommandRunner, tmp_path: P
     await wait_group_gone(shell)
 
 
+async def test_timeout_is_not_stuck_when_an_escaped_descendant_holds_the_pipes(
+    runner: CommandRunner, tmp_path: Path
+) -> None:
+    escaped = tmp_path / "escaped"
+    script = f"setsid sleep 100 & echo $! > {escaped}; sleep 100"
+    try:
+        with pytest.raises(errors.Timeout) as info:
+            await runner.run(["sh", "-c", script], timeout=0.5)
+        assert not isinstance(info.value, errors.CommandStuck)
+        assert not runner.pending_reapers
+    finally:
+        os.kill(int(escaped.read_text()), 9)
+
+
 async def test_group_not_reaped_within_grace_is_stuck_with_reaper_task() -> None:
     runner = CommandRunner(grace=0.0)  # no time to reap: the stuck path, with a real process
     try:
