@@ -239,6 +239,13 @@ def tls_daemon(tmp_path: Path, pki: Pki, **supervisor: float) -> Iterator[tuple[
         d.cleanup()
 
 
+def no_crash(daemon: Daemon) -> None:
+    """The daemon logged no traceback (a supervisor that crashed reports 100, a bug)."""
+    text = daemon.log_file.read_text(errors="replace")
+    at = text.find("Traceback")
+    assert at < 0, text[max(0, at - 2000):at + 6000]
+
+
 def pool_params(kind: int, conn: dict[str, Any]) -> dict[str, Any]:
     return {"storagepoolID": str(uuid.uuid4()), "domainType": kind, "connectionParams": [conn]}
 
@@ -381,6 +388,7 @@ def test_nfs_connect_outage_repair_disconnect_over_stomp(
         gone = teardown_event(client, key, mark)
         assert client.errors == []
         assert "cn=engine command=CONNECT heart-beat=15000,0" in daemon.log()
+        no_crash(daemon)
         report("nfs engine flow", connect_s=round(flow.connect_s, 2),
                outage_cmd_s=round(flow.outage_cmd_s, 2),
                outage_to_event_s=round(flow.outage_to_event_s, 2), lost=str(lost),
@@ -489,6 +497,7 @@ def test_iscsi_connect_outage_repair_disconnect_over_stomp(
         gone = teardown_event(client, key, mark)
         assert client.errors == []
         assert "cn=engine command=CONNECT heart-beat=15000,0" in daemon.log()
+        no_crash(daemon)
         report("iscsi engine flow", connect_s=round(flow.connect_s, 2),
                outage_cmd_s=round(flow.outage_cmd_s, 2),
                outage_to_event_s=round(flow.outage_to_event_s, 2), lost=str(lost),
