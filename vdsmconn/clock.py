@@ -19,6 +19,17 @@ class Clock:
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(max(0.0, seconds))
 
+    async def sleep_or(self, seconds: float, event: asyncio.Event) -> None:
+        """Sleep `seconds`, cut short when `event` is set."""
+        sleeper = asyncio.ensure_future(self.sleep(seconds))
+        waker = asyncio.ensure_future(event.wait())
+        try:
+            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sleeper, waker):
+                task.cancel()
+            await asyncio.gather(sleeper, waker, return_exceptions=True)
+
 
 class FakeClock(Clock):
     """A clock that moves only when a test calls `advance`."""

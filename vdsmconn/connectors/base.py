@@ -52,14 +52,7 @@ class DeviceEvents:
         if not self.watched:
             await clock.sleep(min(timeout, self.RECHECK))
             return
-        sleeper = asyncio.ensure_future(clock.sleep(timeout))
-        waker = asyncio.ensure_future(self._event.wait())
-        try:
-            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (sleeper, waker):
-                task.cancel()
-            await asyncio.gather(sleeper, waker, return_exceptions=True)
+        await clock.sleep_or(timeout, self._event)
 
 
 @dataclass

@@ -122,14 +122,7 @@ class Supervisor:
         if self.wake.is_set():
             self.wake.clear()
             return True
-        sleeper = asyncio.ensure_future(self.rec.clock.sleep(seconds))
-        waker = asyncio.ensure_future(self.wake.wait())
-        try:
-            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (sleeper, waker):
-                task.cancel()
-            await asyncio.gather(sleeper, waker, return_exceptions=True)
+        await self.rec.clock.sleep_or(seconds, self.wake)
         woken = self.wake.is_set()
         self.wake.clear()
         return woken
