@@ -5,6 +5,7 @@ past its deadline surfacing as 480 (the fake runner)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import subprocess
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import pytest
 
 from tests.unit.test_supervisor import World, until
 from vdsmconn import config, errors
+from vdsmconn.connectors import mount
 from vdsmconn.connectors.base import Connected, HostContext
 from vdsmconn.connectors.mount import PosixConnector, same_fstype, unmount
 from vdsmconn.connectors.nfs import NfsConnector
@@ -169,3 +171,14 @@ async def test_umount_refused_at_the_last_step_is_477(host: Host) -> None:
     host.runner.expect(["umount"], prefix=True, rc=32, stderr="umount: target is busy.")
     with tmpfs(path, "vc-busy"), pytest.raises(errors.MountError, match="target is busy"):
         await unmount(host.runner, config.host_settings(host.config), path)
+
+
+@pytest.mark.parametrize(("err", "code"), [
+    (errno.EACCES, 469), (errno.EPERM, 469), (errno.EROFS, 469),
+    (errno.ESTALE, 481), (errno.ENOTCONN, 481), (errno.EIO, 481),
+])
+def test_probe_errno_says_dead_or_refused(err: int, code: int) -> None:
+    """469: the storage answers but the daemon may not use it (a remount would not help);
+    481: the mount is dead (recovered by unmounting and mounting again)."""
+    e = mount._os_error("/mnt/x", OSError(err, os.strerror(err)))
+    assert e.code == code and e.message == f"/mnt/x: {os.strerror(err)}"

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 # errno values that mean the mount is dead rather than merely refusing us.
 STALE_ERRNOS = {errno.ESTALE, errno.ENOTCONN, errno.EIO, errno.EHOSTDOWN, errno.ETIMEDOUT,
           errno.ECONNABORTED}
+# errno values that mean the storage answers but the daemon may not read or write it (469).
+ACCESS_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 def _check_mountpoint(path: str) -> None:
@@ -256,7 +258,7 @@ def _os_error(path: str, e: OSError) -> errors.Error:
     reason = os.strerror(e.errno) if e.errno else str(e)
     if e.errno in STALE_ERRNOS:
         return errors.StaleMount(f"{path}: {reason}", {"errno": e.errno})
-    if e.errno in (errno.EACCES, errno.EPERM):
+    if e.errno in ACCESS_ERRNOS:  # it answers, but not to us: no remount repairs that
         return errors.AccessPermissionError(f"{path}: {reason}", {"errno": e.errno})
     return errors.StaleMount(f"{path}: {reason}", {"errno": e.errno})
 
