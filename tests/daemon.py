@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from tests.wait import until
 from vdsmconn.cli import Client, RpcError
 from vdsmconn.host import mountinfo
 
@@ -109,12 +110,7 @@ class Daemon:
         raise AssertionError(f"{cid} not {state} within {timeout}s: {status}\n{self.log()}")
 
     def _until(self, what: str, check: Any, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if check():
-                return
-            time.sleep(0.02)
-        raise AssertionError(f"{what} within {timeout}s\n{self.log()}")
+        until(check, what, timeout, detail=lambda: "\n" + self.log())
 
     def wait_gone(self, path: str, link: bool = False, timeout: float = 20.0) -> None:
         """Until `path` is neither mounted nor present (a link, or an empty mount point)."""

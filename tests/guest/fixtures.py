@@ -21,12 +21,13 @@ import os
 import re
 import shutil
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests.wait import until
 
 MODULES = ("nfs", "nfsd", "iscsi_tcp", "target_core_mod", "iscsi_target_mod", "dm_multipath",
            "bonding")  # fmt: skip
@@ -57,11 +58,7 @@ def sh(
 
 
 def wait_for(what: str, predicate: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.2)
+    until(predicate, what, timeout, interval=0.2)
 
 
 def require_guest() -> None:

@@ -366,7 +366,7 @@ async def _bond_scenario(t: IscsiTarget, multipath: Multipath) -> None:
                recovered_after_up_s=round(recovered_s, 3),
                missing_path_logged_in_after_up_s=round(relogin_s, 3),
                events=[(round(at - down_at, 3), e.name, e.up) for at, e in events])
-        assert relogin_s < 1.0
+        assert relogin_s < 15  # an event, not the 60 s probe interval (figures: report)
 
         await connector.disconnect(spec)
         assert sysfs_sessions(t.iqn) == {}
@@ -476,7 +476,8 @@ def test_daemon_follows_bond_link_events(tmp_path: Path,
                    missing_path_logged_in_after_up_s=round(relogin_s, 3),
                    status_connected_after_up_s=round(status_s, 3),
                    log=[line[-120:] for line in log_lines(d, "LINK netdev=")])
-            assert degraded_s < 1.0 and back_s < 1.0 and relogin_s < 1.0
+            # Events, not the 60 s probe interval (the figures are in the report above).
+            assert degraded_s < 15 and back_s < 15 and relogin_s < 15
             assert log_lines(d, f"LINK netdev={l1.host} down")
             assert log_lines(d, f"LINK netdev={l1.host} up")
             d.call("unmanageStorageServer", connectionID="b")

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.daemon import Daemon, mounted
+from tests.wait import until
 from vdsmconn.cli import CLEAR
 
 pytestmark = pytest.mark.root
@@ -52,12 +53,7 @@ class Collector:
         return [(e["oldState"], e["newState"]) for e in list(self.events) if e["key"] == key]
 
     def wait_for(self, what: str, check: Any, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if check():
-                return
-            time.sleep(0.02)
-        raise AssertionError(f"{what}: {self.events[-20:]}")
+        until(check, what, timeout, detail=lambda: f": {self.events[-20:]}")
 
     def close(self) -> None:
         if self.client._sock is not None:

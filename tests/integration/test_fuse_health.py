@@ -109,7 +109,8 @@ def test_hang_goes_stuck_rpc_stays_fast_unhang_reconnects(fuse_daemon: Daemon,
                 listing = c.call("getStorageServerList", {"connectionIDs": ["f"]})
                 slowest = max(slowest, time.monotonic() - start)
                 assert listing["f"]["managed"]
-        assert slowest < 0.5, f"an RPC call took {slowest:.3f} s during the hang"
+        # Far below the probe deadline: no call waited for the hung probe.
+        assert slowest < PROBE_TIMEOUT / 2, f"an RPC call took {slowest:.3f} s during the hang"
         stuck_at, stuck = watcher.first("f", "stuck", hung_at)
         assert stuck["lastError"]["code"] == 481
         assert "does not answer" in stuck["lastError"]["message"]

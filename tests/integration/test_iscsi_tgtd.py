@@ -13,7 +13,6 @@ userspace login for testStorageServer.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import os
@@ -29,6 +28,7 @@ import pytest
 
 from tests.daemon import Daemon
 from tests.netns import InNetns, NetnsLink, sh
+from tests.wait import eventually
 from vdsmconn import config, connectors
 from vdsmconn.clock import FakeClock
 from vdsmconn.connectors.base import HostContext
@@ -209,12 +209,6 @@ def node_records(iqn: str) -> list[str]:
     return [line for line in out.splitlines() if iqn in line]
 
 
-async def until(check: Any, timeout: float = 30.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not check():  # noqa: ASYNC110 - real commands run in between
-            await asyncio.sleep(0.01)
-
-
 async def test_real_login_failure_is_465_retried_with_backoff(
         world: World, tgtd: Tgtd, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
@@ -224,8 +218,10 @@ async def test_real_login_failure_is_465_retried_with_backoff(
     world.rec.kick(spec.key)
     delays = []
     for attempt in (1, 2, 3):
-        await until(lambda a=attempt: (st := world.actual.get(spec.key)) is not None
-                    and st.attempts == a and st.next_retry is not None)
+        def retry_announced(a: int = attempt) -> bool:
+            st = world.actual.get(spec.key)
+            return st is not None and st.attempts == a and st.next_retry is not None
+        await eventually(retry_announced)
         st = world.actual.get(spec.key)
         assert st is not None and st.state == State.FAILED and st.last_error is not None
         assert st.last_error.code == 465
@@ -241,7 +237,7 @@ async def test_real_login_failure_is_465_retried_with_backoff(
     assert "node.session.auth.password -v '********'" in caplog.text  # the argv, masked
     world.desired.apply_delete("c1")
     world.rec.kick(spec.key)
-    await until(lambda: world.actual.get(spec.key) is None)
+    await eventually(lambda: world.actual.get(spec.key) is None)
     assert node_records(tgtd.iqn) == []
 
 
@@ -250,7 +246,7 @@ async def test_bond_iface_here_is_473_and_leaves_no_iface(world: World, tgtd: Tg
                      netIfaceNames=(tgtd.link, "nosuchnic0"))
     world.desired.apply_put("b1", spec)
     world.rec.kick(spec.key)
-    await until(lambda: (st := world.actual.get(spec.key)) is not None
+    await eventually(lambda: (st := world.actual.get(spec.key)) is not None
                 and st.last_error is not None)
     st = world.actual.get(spec.key)
     assert st is not None and st.state == State.FAILED and st.last_error is not None
@@ -260,4 +256,4 @@ async def test_bond_iface_here_is_473_and_leaves_no_iface(world: World, tgtd: Tg
     assert not Path(f"/etc/iscsi/ifaces/{tgtd.link}").exists()  # noqa: ASYNC240
     world.desired.apply_delete("b1")
     world.rec.kick(spec.key)
-    await until(lambda: world.actual.get(spec.key) is None)
+    await eventually(lambda: world.actual.get(spec.key) is None)

@@ -48,15 +48,6 @@ async def run(*argv: str) -> None:
     assert await proc.wait() == 0, argv
 
 
-async def until(predicate: Callable[[], bool]) -> None:
-    """Wait for `predicate` to hold (10 s: an upper bound, not a timing)."""
-    async with asyncio.timeout(10):
-        while True:
-            if predicate():
-                return
-            await asyncio.sleep(0.001)
-
-
 def read_again(watcher: MountinfoWatcher, reads: int) -> Callable[[], bool]:
     return lambda: watcher.reads > reads
 

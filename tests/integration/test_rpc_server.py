@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.wait import eventually
 from vdsmconn.rpc.jsonrpc import Dispatcher, Method, Session
 from vdsmconn.rpc.server import Limits, UnixServer
 
@@ -147,13 +148,6 @@ async def connect(server: UnixServer, clients: list[Client]) -> Client:
     return client
 
 
-async def wait_for(predicate: Callable[[], bool]) -> None:
-    """Poll a server-side condition (client counts change when the server's tasks end)."""
-    async with asyncio.timeout(DEADLINE):
-        while not predicate():  # noqa: ASYNC110 - the server offers no event for this
-            await asyncio.sleep(0.01)
-
-
 async def test_call_round_trip(make_server: Factory, clients: list[Client]) -> None:
     client = await connect(await make_server(), clients)
     assert await client.call("echo", ["hi"]) == {"jsonrpc": "2.0", "result": "hi", "id": 1}
@@ -202,7 +196,7 @@ async def test_idle_client_dropped(make_server: Factory, clients: list[Client]) 
     client = await connect(server, clients)
     assert (await client.call("echo", [1]))["result"] == 1
     await client.wait_closed_by_server()
-    await wait_for(lambda: server.clients == 0)
+    await eventually(lambda: server.clients == 0)
 
 
 async def test_running_request_is_not_idle(
@@ -228,7 +222,7 @@ async def test_max_clients_enforced(make_server: Factory, clients: list[Client])
     await third.wait_closed_by_server()
     assert (await first.call("echo", [3]))["result"] == 3
     await first.close()
-    await wait_for(lambda: server.clients == 1)
+    await eventually(lambda: server.clients == 1)
     fourth = await connect(server, clients)
     assert (await fourth.call("echo", [4]))["result"] == 4
 
@@ -275,7 +269,7 @@ async def test_non_reading_client_dropped(
     assert server.clients == 2
     # 64 MiB of notifications: far beyond what socket buffers hold for a client not reading.
     await lazy.send({"jsonrpc": "2.0", "method": "flood", "params": [1024, 65536], "id": 1})
-    await wait_for(lambda: server.clients == 1)
+    await eventually(lambda: server.clients == 1)
     assert "outgoing queue overflow" in caplog.text
     for n in range(20):
         assert (await busy.call("echo", [n]))["result"] == n

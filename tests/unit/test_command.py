@@ -6,11 +6,12 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from tests.wait import eventually as until
 from vdsmconn import errors
 from vdsmconn.host.command import CommandRunner, StuckCommand, mask_argv
 from vdsmconn.host.fakerunner import FakeRunner, UnexpectedCommand
@@ -40,15 +41,6 @@ def live_members(pgid: int) -> list[int]:
         if int(pgrp) == pgid and state != "Z":
             pids.append(int(entry.name))
     return pids
-
-
-async def until(predicate: Callable[[], bool]) -> None:
-    """Wait for `predicate` to hold; 10 s is an upper bound for a hung test, not a timing."""
-    async with asyncio.timeout(10):
-        while True:
-            if predicate():
-                return
-            await asyncio.sleep(0.01)
 
 
 async def wait_group_gone(pgid: int) -> None:

@@ -4,9 +4,7 @@ with growing nextRetry; unmanage logs out."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ from tests.unit.test_iscsi_connector import (
     netdev,
     wire,
 )
+from tests.wait import eventually as until
 from vdsmconn import config
 from vdsmconn.clock import FakeClock
 from vdsmconn.connectors.base import HostContext
@@ -26,12 +25,6 @@ from vdsmconn.model import IscsiSpec, Secret, State
 from vdsmconn.reconcile.reconciler import Reconciler
 from vdsmconn.state.actual import ActualState
 from vdsmconn.state.desired import DesiredState
-
-
-async def until(check: Callable[[], Any]) -> None:
-    async with asyncio.timeout(5):
-        while not check():  # noqa: ASYNC110 - the supervisor runs in between
-            await asyncio.sleep(0.001)
 
 
 def world(sysfs: Path, runner: HostRunner) -> tuple[Reconciler, FakeClock]:

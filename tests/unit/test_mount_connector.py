@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_supervisor import World, until
+from tests.unit.test_supervisor import World
+from tests.wait import eventually as until
 from vdsmconn import config, errors
 from vdsmconn.connectors import mount
 from vdsmconn.connectors.base import Connected, HostContext

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.unit.test_iscsi_supervisor import until
+from tests.wait import eventually as until
 from vdsmconn import errors
 from vdsmconn.host import probe
 from vdsmconn.host.probe import Probes

@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from tests.wait import eventually as until
 from vdsmconn import config, connectors
 from vdsmconn.clock import FakeClock
 from vdsmconn.connectors.base import HostContext
@@ -60,13 +60,6 @@ class World:
     async def settle(self) -> None:
         for _ in range(20):
             await asyncio.sleep(0)
-
-
-async def until(check: Callable[[], Any], what: str) -> None:
-    """Let the loop run until `check()` holds (threads of to_thread need real time)."""
-    async with asyncio.timeout(5):
-        while not check():  # noqa: ASYNC110 - conditions span threads and the loop
-            await asyncio.sleep(0.001)
 
 
 @pytest.fixture
