@@ -157,10 +157,11 @@ class _Listener:
                 async with asyncio.timeout(self.REFUSE_WAIT):
                     stomp, _ = await sniff(reader)
             refuse(writer, peer, error, stomp)
-            async with asyncio.timeout(self._limits.close_timeout):
-                await writer.wait_closed()
-        except (OSError, TimeoutError):
-            pass
+            with contextlib.suppress(OSError, TimeoutError):  # a refused peer may be gone
+                async with asyncio.timeout(self._limits.close_timeout):
+                    await writer.wait_closed()
+        except OSError:
+            log.debug("REFUSE peer=%s: connection already gone", peer)
         finally:
             writer.transport.abort()
 

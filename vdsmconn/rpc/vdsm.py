@@ -12,6 +12,7 @@ code, in the shapes the engine reads (vdsm-api.yml; the engine's GetDeviceListVD
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -293,12 +294,10 @@ def read_path(name: str, sysfs: str, dm: str | None) -> PathFacts:
     device = os.path.join(block, "device")
     hbtl = os.path.basename(os.path.realpath(device)).split(":")
     unit = b""
-    try:
+    with contextlib.suppress(OSError):  # no unit serial page: the serial is left empty
         with open(os.path.join(device, "vpd_pg80"), "rb") as f:
             page = f.read(260)
         unit = page[4:4 + page[3]] if len(page) > 4 else b""
-    except OSError:
-        pass
     serial = ""
     if unit.strip():
         raw = ("S" + _text(os.path.join(device, "vendor"), raw=True)[:8].ljust(8)
