@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import time
@@ -20,15 +21,13 @@ class Clock:
         await asyncio.sleep(max(0.0, seconds))
 
     async def sleep_or(self, seconds: float, event: asyncio.Event) -> None:
-        """Sleep `seconds`, cut short when `event` is set."""
-        sleeper = asyncio.ensure_future(self.sleep(seconds))
-        waker = asyncio.ensure_future(event.wait())
-        try:
-            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (sleeper, waker):
-                task.cancel()
-            await asyncio.gather(sleeper, waker, return_exceptions=True)
+        """Sleep `seconds`, cut short when `event` is set. One timer and one waiter: every
+        connected key sleeps here between probes, so no task is made for it."""
+        if event.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, seconds)):
+                await event.wait()
 
 
 class FakeClock(Clock):
@@ -49,6 +48,17 @@ class FakeClock(Clock):
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._sleepers, (self._now + max(0.0, seconds), next(self._seq), fut))
         await fut
+
+    async def sleep_or(self, seconds: float, event: asyncio.Event) -> None:
+        """Sleep on the fake clock, cut short when `event` is set."""
+        sleeper = asyncio.ensure_future(self.sleep(seconds))
+        waker = asyncio.ensure_future(event.wait())
+        try:
+            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sleeper, waker):
+                task.cancel()
+            await asyncio.gather(sleeper, waker, return_exceptions=True)
 
     def pending(self) -> list[float]:
         """Deadlines of the sleepers still waiting, soonest first."""

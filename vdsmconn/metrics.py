@@ -13,6 +13,7 @@ tables.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import platform
 import threading
@@ -36,7 +37,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from vdsmconn import __version__, errors
-from vdsmconn.connectors.base import Connected, Connector, StepLog
+from vdsmconn.connectors.base import Connected, Connector, QuickCheck, StepLog
 from vdsmconn.host import address
 from vdsmconn.host.command import StuckCommand
 from vdsmconn.model import ConnectionKey, ConnectionSpec, State
@@ -106,6 +107,9 @@ class Metrics:
             f"{PREFIX}_operation_duration_seconds",
             "Duration of connect, disconnect and probe operations on real connections",
             ["operation", "type", "result"], buckets=OPERATION_BUCKETS, registry=reg)
+        # Labelled children looked up once: a probe of every key is timed.
+        self._running: dict[tuple[str, str], Gauge] = {}
+        self._durations: dict[tuple[str, str, str], Histogram] = {}
         self.operations_in_progress = Gauge(
             f"{PREFIX}_operations_in_progress", "Operations running now",
             ["operation", "type"], registry=reg)
@@ -144,13 +148,19 @@ class Metrics:
                 rec.errors[name] = rec.errors.get(name, 0) + 1
 
     def remember_type(self, key: ConnectionKey, type_: str) -> None:
+        found = self._keys.get(key)  # the loop is the only writer: a read needs no lock
+        if found is not None and found.type == type_:
+            return
         with self._lock:
             self._keys.setdefault(key, _KeyRecord()).type = type_
 
     async def timed(self, operation: str, spec: ConnectionSpec, call: Awaitable[T]) -> T:
         """Await one operation on a real connection, counting it and its duration."""
         self.remember_type(spec.key, spec.TYPE)
-        running = self.operations_in_progress.labels(operation, spec.TYPE)
+        running = self._running.get((operation, spec.TYPE))
+        if running is None:
+            running = self.operations_in_progress.labels(operation, spec.TYPE)
+            self._running[operation, spec.TYPE] = running
         running.inc()
         start = time.monotonic()
         try:
@@ -160,14 +170,19 @@ class Metrics:
             raise
         except Exception as e:
             running.dec()
-            self._observe(operation, spec.TYPE, result_of(e), start)
+            self.observe(operation, spec.TYPE, result_of(e), start)
             raise
         running.dec()
-        self._observe(operation, spec.TYPE, "ok", start)
+        self.observe(operation, spec.TYPE, "ok", start)
         return result
 
-    def _observe(self, operation: str, type_: str, result: str, start: float) -> None:
-        self.operation_seconds.labels(operation, type_, result).observe(time.monotonic() - start)
+    def observe(self, operation: str, type_: str, result: str, start: float) -> None:
+        """One operation done, started at `start` (monotonic); from any thread."""
+        child = self._durations.get((operation, type_, result))
+        if child is None:
+            child = self.operation_seconds.labels(operation, type_, result)
+            self._durations[operation, type_, result] = child
+        child.observe(time.monotonic() - start)
 
     def instrument(self, table: dict[str, Connector[Any]]) -> dict[str, Connector[Any]]:
         """The connector table with every connect, disconnect and probe timed."""
@@ -348,6 +363,20 @@ class TimedConnector(Connector[Any]):
 
     async def probe(self, spec: Any) -> None:
         await self._metrics.timed("probe", spec, self.inner.probe(spec))
+
+    def quick_check(self, spec: Any) -> QuickCheck | None:
+        check = self.inner.quick_check(spec)
+        if check is None:
+            return None
+        metrics, type_, fn = self._metrics, spec.TYPE, check.fn
+
+        def timed() -> object:  # in a probe thread
+            start = time.monotonic()
+            result = fn()  # a failure is counted by the supervisor's probe that follows it
+            metrics.observe("probe", type_, "ok", start)
+            return result
+
+        return dataclasses.replace(check, fn=timed)
 
     async def test(self, spec: Any, timeout: float) -> StepLog:
         return await self.inner.test(spec, timeout)

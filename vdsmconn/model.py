@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import functools
 import json
 import re
 from dataclasses import dataclass, field, fields
@@ -194,12 +195,12 @@ class MountSpec(ConnectionSpec):
 
     SUBDIR: ClassVar[str] = ""
 
-    @property
+    @functools.cached_property
     def mount_name(self) -> str:
         name = escape_mount_name(self.connection)
         return f"{self.SUBDIR}/{name}" if self.SUBDIR else name
 
-    @property
+    @functools.cached_property
     def key(self) -> ConnectionKey:
         return ConnectionKey("file", self.mount_name)
 
@@ -256,11 +257,11 @@ class LocalSpec(ConnectionSpec):
     TYPE: ClassVar[str] = "localfs"
     connection: str = ""
 
-    @property
+    @functools.cached_property
     def mount_name(self) -> str:
         return escape_mount_name(self.connection)
 
-    @property
+    @functools.cached_property
     def key(self) -> ConnectionKey:
         return ConnectionKey("file", self.mount_name)
 
@@ -285,7 +286,7 @@ class IscsiSpec(ConnectionSpec):
     def portal(self) -> str:
         return address.join(self.connection, self.port)
 
-    @property
+    @functools.cached_property
     def key(self) -> ConnectionKey:
         tpgt = "*" if self.tpgt is None else str(self.tpgt)
         if self.netIfaceNames:
@@ -301,7 +302,7 @@ class ManagedSpec(ConnectionSpec):
     volumeID: str = ""
     connection_info: Secret | None = None  # JSON text; may hold array credentials
 
-    @property
+    @functools.cached_property
     def key(self) -> ConnectionKey:
         return ConnectionKey("managed", self.volumeID)
 
