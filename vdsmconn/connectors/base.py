@@ -55,6 +55,20 @@ class DeviceEvents:
         await clock.sleep_or(timeout, self._event)
 
 
+@dataclass(frozen=True)
+class QuickCheck:
+    """A probe that is one blocking check of one target, within `timeout` seconds of its
+    running: the supervisors' sweep (reconcile/sweep.py) runs many at once instead of one
+    hand-off each. A check that fails or hangs only wakes the key's supervisor, whose own
+    `probe` then finds out and reports what is wrong."""
+
+    target: str
+    fn: Callable[[], object]
+    name: str
+    probes: Probes
+    timeout: float
+
+
 @dataclass
 class HostContext:
     """What connectors may use: settings, the command runner, the host state they read and
@@ -150,6 +164,11 @@ class Connector(abc.ABC, Generic[S]):
     @abc.abstractmethod
     async def probe(self, spec: S) -> None:
         """Check that the connection answers; raise an `errors.Error` if not."""
+
+    def quick_check(self, spec: S) -> QuickCheck | None:
+        """The blocking check that `probe` comes down to while the connection is present,
+        when it is just one; None when probing takes more (paths, devices, steps)."""
+        return None
 
     @abc.abstractmethod
     async def test(self, spec: S, timeout: float) -> StepLog:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import os
 import shutil
@@ -11,7 +12,7 @@ import tempfile
 from collections.abc import Mapping
 
 from vdsmconn import errors
-from vdsmconn.connectors.base import Connected, Connector, StepLog
+from vdsmconn.connectors.base import Connected, Connector, QuickCheck, StepLog
 from vdsmconn.host import mountinfo, scope
 from vdsmconn.host.command import CommandRunner
 from vdsmconn.model import MountSpec, normalize_path, normalize_remote
@@ -137,6 +138,11 @@ class MountConnector(Connector[MountSpec]):
                 await abort_fuse(self.host.runner, self.host.settings, mount)
             await unmount(self.host.runner, self.host.settings, path)
         await asyncio.to_thread(_remove_dir, path)
+
+    def quick_check(self, spec: MountSpec) -> QuickCheck:
+        path = self.mountpoint(spec)
+        return QuickCheck(path, functools.partial(_check_mountpoint, path), f"probe of {path}",
+                          self.host.probes, self.host.settings.probe_timeout)
 
     async def probe(self, spec: MountSpec) -> None:
         path = self.mountpoint(spec)

@@ -24,8 +24,8 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, Protocol, TypeVar
 
 from vdsmconn import errors
 
@@ -35,13 +35,19 @@ POOL_SIZE = 16  # threads kept for checks that answer; a hung one is replaced
 MAX_THREADS = 256  # pool threads at most, however many checks are slow at once
 SLOW = 1.0  # seconds: a check running this long may hang; its thread no longer counts
 IDLE = "probe idle"
+BATCH = 64  # checks of a sweep handed to one thread at a time
+BUSY = object()  # a sweep's outcome for a target whose earlier probe is still running
+
+
+class _Job(Protocol):
+    def run_in(self, worker: _Worker) -> None: ...
 
 
 class _Worker(threading.Thread):
     def __init__(self, pool: _Pool) -> None:
         super().__init__(name=IDLE, daemon=True)
         self.pool = pool
-        self.job: Probe[Any] | None = None
+        self.job: Probe[Any] | None = None  # the check it is in
         self.abandoned = False  # replaced in the pool while stuck in a check
 
     def run(self) -> None:
@@ -56,11 +62,11 @@ class _Pool:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.jobs: queue.SimpleQueue[Probe[Any]] = queue.SimpleQueue()
+        self.jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self.workers: set[_Worker] = set()
         self.lock = threading.Lock()
 
-    def submit(self, job: Probe[Any]) -> None:
+    def submit(self, job: _Job) -> None:
         with self.lock:
             if self._short():
                 worker = _Worker(self)
@@ -102,7 +108,7 @@ _POOL = _Pool(POOL_SIZE)
 
 
 class Probe(Generic[T]):
-    def __init__(self, fn: Callable[[], T], name: str) -> None:
+    def __init__(self, fn: Callable[[], T], name: str, *, submit: bool = True) -> None:
         self.loop = asyncio.get_running_loop()
         self.done: asyncio.Future[T] = self.loop.create_future()
         self.name = name
@@ -112,30 +118,37 @@ class Probe(Generic[T]):
         self.worker: _Worker | None = None
         self.finished = False  # the check itself has returned
         self.abandoned = False  # a caller's deadline passed while a thread ran it
-        _POOL.submit(self)
+        self.value: T | None = None  # what the check returned, once finished
+        self.error: BaseException | None = None  # or what it raised
+        if submit:
+            _POOL.submit(self)
 
-    def run_in(self, worker: _Worker) -> None:
-        """In a pool thread: run the check, hand its outcome to the loop."""
+    def execute(self, worker: _Worker) -> None:
+        """In a pool thread: run the check and keep its outcome."""
         self.worker, self.taken = worker, time.monotonic()
         worker.job, worker.name = self, f"probe {self.name}"
         try:
-            result: T | None = self.fn()
-            exc: BaseException | None = None
+            self.value = self.fn()
         except BaseException as e:  # delivered to the awaiting task, not lost
-            result, exc = None, e
+            self.error = e
         worker.job, worker.name = None, IDLE
         self.finished = True
+
+    def run_in(self, worker: _Worker) -> None:
+        """In a pool thread: run the check, hand its outcome to the loop."""
+        self.execute(worker)
         # A probe that returns after the loop has closed has nobody left to tell.
         with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self._settle, result, exc)
+            self.loop.call_soon_threadsafe(self.settle)
 
-    def _settle(self, result: T | None, exc: BaseException | None) -> None:
+    def settle(self) -> None:
+        """On the loop, once finished: its outcome to whoever awaits it."""
         if self.done.done():
             return
-        if exc is not None:
-            self.done.set_exception(exc)
+        if self.error is not None:
+            self.done.set_exception(self.error)
         else:
-            self.done.set_result(result)  # type: ignore[arg-type]
+            self.done.set_result(self.value)  # type: ignore[arg-type]
 
     @property
     def running(self) -> bool:
@@ -197,6 +210,73 @@ class Probe(Generic[T]):
             ) from None
 
 
+class _Batch:
+    """Checks run one after another on one pool thread and settled on the loop together: a
+    round of periodic probes costs one hand-off, not one per check. The loop may cut the
+    batch when a check hangs (`cut`): the thread stops after that check, and the checks not
+    yet taken are the loop's to hand to another thread."""
+
+    def __init__(self, probes: list[Probe[Any]]) -> None:
+        self.probes = probes
+        self.loop = probes[0].loop
+        self.settled = self.loop.create_future()
+        self._lock = threading.Lock()  # never held across a check
+        self._next = 0
+        self._cut = False
+
+    def run_in(self, worker: _Worker) -> None:
+        while True:
+            with self._lock:
+                if self._cut or self._next == len(self.probes):
+                    break
+                probe = self.probes[self._next]
+                self._next += 1
+            probe.execute(worker)
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self._settle)
+
+    def _settle(self) -> None:
+        for probe in self.probes:
+            if probe.finished:
+                probe.settle()
+        if not self.settled.done():
+            self.settled.set_result(None)
+
+    def current(self) -> Probe[Any] | None:
+        """The check its thread is in, if any."""
+        with self._lock:
+            probe = self.probes[self._next - 1] if self._next else None
+        return probe if probe is not None and not probe.finished else None
+
+    def cut(self) -> list[Probe[Any]]:
+        """Stop the thread after its current check; the checks it has not taken."""
+        with self._lock:
+            self._cut = True
+            rest = self.probes[self._next:]
+        self._settle()
+        return rest
+
+    async def finish(self, timeout: float) -> None:
+        """Until every check of the batch has an outcome or hangs: a check still running
+        `timeout` seconds after its thread took it up is abandoned (its thread leaves the
+        pool), and the checks after it go to another thread."""
+        batch = self
+        while True:
+            while not batch.settled.done():
+                current = batch.current()
+                left = current.left(timeout) if current is not None else timeout
+                if left is None and current is not None:
+                    current.abandon()
+                    rest = batch.cut()
+                    if not rest:
+                        return
+                    batch = _Batch(rest)
+                    _POOL.submit(batch)
+                    continue
+                await asyncio.wait({batch.settled}, timeout=left)
+            return
+
+
 async def run(fn: Callable[[], T], name: str, timeout: float) -> T:
     """A check in a thread of its own, with no target to share (name lookups and the like:
     nothing a hung server can pile up). Checks of mounts, directories and devices go through
@@ -228,7 +308,8 @@ class Probes:
                 age = time.monotonic() - current.started
                 raise errors.Timeout(
                     f"{name}: an earlier read has not returned yet ({current.name}, "
-                    f"started {age:.0f} s ago)", {"timeout": timeout})
+                    f"started {age:.0f} s ago); it did not return within {timeout:g} s",
+                    {"timeout": timeout})
             try:
                 await current.outcome(timeout)  # its owner takes its result
             except TimeoutError:
@@ -241,6 +322,43 @@ class Probes:
         mine: Probe[T] = Probe(fn, name)
         self._track(target, mine)
         return await mine.result(timeout)
+
+    async def sweep(self, checks: Sequence[tuple[str, Callable[[], object], str]],
+                    timeout: float) -> list[object]:
+        """Many checks `(target, fn, name)` at once, each within `timeout` seconds of its
+        running, in a few threads (`BATCH` checks each) whose outcomes reach the loop
+        together. The outcome of each: None when it returned, the exception it raised,
+        `errors.Timeout` when it hangs (its thread goes on, abandoned, and counts for its
+        target as a probe run alone would), or `BUSY` when a probe of its target was still
+        running (none is started).
+        """
+        outcomes: list[object] = [None] * len(checks)
+        started: list[tuple[int, Probe[Any]]] = []
+        for i, (target, fn, name) in enumerate(checks):
+            current = self._running.get(target)
+            if current is not None and current.running:
+                outcomes[i] = errors.Timeout(
+                    f"{name}: an earlier read has not returned yet ({current.name})",
+                    {"timeout": timeout}) if current.abandoned else BUSY
+                continue
+            probe: Probe[object] = Probe(fn, name, submit=False)
+            self._track(target, probe)
+            started.append((i, probe))
+        batches = [_Batch([p for _, p in started[n:n + BATCH]])
+                   for n in range(0, len(started), BATCH)]
+        for batch in batches:
+            _POOL.submit(batch)
+        if len(batches) == 1:
+            await batches[0].finish(timeout)
+        elif batches:
+            await asyncio.gather(*(batch.finish(timeout) for batch in batches))
+        for i, probe in started:
+            if probe.finished:
+                outcomes[i] = probe.error
+            else:
+                outcomes[i] = errors.Timeout(f"{probe.name} did not return within {timeout:g} s",
+                                             {"timeout": timeout})
+        return outcomes
 
     def _track(self, target: str, probe: Probe[Any]) -> None:
         self._running[target] = probe

@@ -16,6 +16,7 @@ from vdsmconn.host.mountinfo import Mount
 from vdsmconn.model import ConnectionKey, ConnectionSpec, State
 from vdsmconn.reconcile.limits import Limits
 from vdsmconn.reconcile.supervisor import Supervisor
+from vdsmconn.reconcile.sweep import Sweep
 from vdsmconn.state.actual import ActualState, ErrorInfo
 from vdsmconn.state.desired import DesiredState
 
@@ -37,6 +38,8 @@ class Reconciler:
         # and keys on a dead server cannot take the slots of the others.
         sup = config.supervisor
         self.limits = Limits(sup.max_operations, sup.max_operations_per_server)
+        # The periodic probes of connected keys whose probe is one check, in rounds.
+        self.sweep: Sweep | None = Sweep(clock, sup.probe_interval)
         self._supervisors: dict[ConnectionKey, Supervisor] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -128,4 +131,6 @@ class Reconciler:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.sweep is not None:
+            await self.sweep.close()
         self._supervisors.clear()

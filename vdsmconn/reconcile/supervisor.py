@@ -20,6 +20,7 @@ from vdsmconn.host.command import StuckCommand
 from vdsmconn.model import ConnectionKey, ConnectionSpec, MountSpec, State
 from vdsmconn.reconcile.backoff import Backoff
 from vdsmconn.reconcile.limits import Limits
+from vdsmconn.reconcile.sweep import Sweep
 from vdsmconn.state.actual import (
     UNSET,
     ActualState,
@@ -48,6 +49,8 @@ class Owner(Protocol):
     def clock(self) -> Clock: ...
     @property
     def limits(self) -> Limits: ...
+    @property
+    def sweep(self) -> Sweep | None: ...
     @property
     def on_torn_down(self) -> Callable[[ConnectionKey], Awaitable[None]] | None: ...
 
@@ -194,8 +197,23 @@ class Supervisor:
                   last_check=self.rec.clock.time(), found=found)
 
     async def _watch(self, spec: ConnectionSpec) -> None:
-        """Connected: wait for the probe interval or an event, then check."""
-        woken = await self._pause(self.rec.config.supervisor.probe_interval)
+        """Connected: wait for the probe interval or an event, then check. A key whose probe
+        is one blocking check is probed by the sweep meanwhile, and checked here only when
+        that fails or an event says so."""
+        sweep = self.rec.sweep
+        check = self._connector(spec).quick_check(spec) if sweep is not None else None
+        if sweep is not None and check is not None:
+            status = self.status
+            last = status.last_check if status and status.last_check else self.rec.clock.time()
+            ticket = sweep.enlist(self, check, last + self.rec.config.supervisor.probe_interval)
+            try:
+                await self.wake.wait()
+            finally:
+                ticket.cancel()
+            self.wake.clear()
+            woken = True
+        else:
+            woken = await self._pause(self.rec.config.supervisor.probe_interval)
         if self.rec.desired.spec_of(self.key) != spec or (woken and not self.suspect):
             return
         fresh, self.suspect = self.suspect, False
@@ -232,6 +250,13 @@ class Supervisor:
         status = self.status
         state = status.state if status and status.state != State.UNCERTAIN else State.CONNECTED
         self._set(state, last_check=self.rec.clock.time())
+
+    def probed(self, now: float) -> None:
+        """The sweep's check of this key passed."""
+        self.recoveries.reset()
+        status = self.status
+        if status is not None and status.connected:
+            self._set(status.state, last_check=now)
 
     async def _recover(self, spec: ConnectionSpec) -> None:
         """Tear a broken connection down by force; the loop then brings it up again: at once
