@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -150,3 +151,26 @@ def test_read_parses_this_process_table() -> None:
     assert mounts, "a process always has at least its root mount"
     assert any(m.mountpoint == "/proc" and m.fstype == "proc" for m in mounts)
     assert len({m.mount_id for m in mounts}) == len(mounts)
+
+
+def test_mounted_at_agrees_with_the_whole_table(tmp_path: Path) -> None:
+    """One path looked up in the raw table: escaped names, stacked mounts (the last is on
+    top), a deleted mount point, a path that is another mount's root or a prefix of one."""
+    table = CAPTURED + (
+        "70 27 0:60 / /mnt/a\\040b rw - tmpfs one rw\n"
+        "71 70 0:61 / /mnt/a\\040b rw - tmpfs two rw\n"
+        "72 27 0:62 / /mnt/gone\\040(deleted) rw - tmpfs three rw\n"
+        "73 27 253:0 /mnt/root /mnt/bind rw - ext4 /dev/vda1 rw\n"
+        "74 27 0:63 / /mnt/prefixed rw - tmpfs four rw\n"
+        "75 27 0:64 / /mnt/back\\134slash rw - tmpfs five rw"  # no final newline
+    )
+    path = tmp_path / "mountinfo"
+    path.write_text(table)
+    whole = {m.mountpoint: m for m in parse(table)}
+    for mountpoint in ("/mnt/a b", "/mnt/gone", "/mnt/bind", "/mnt/prefixed",
+                       "/mnt/back\\slash", "/rhev/data-center/mnt/srv:_export", "/proc"):
+        assert mountinfo.mounted_at(mountpoint, str(path)) == whole[mountpoint]
+    top = mountinfo.mounted_at("/mnt/a b", str(path))
+    assert top is not None and top.source == "two"
+    for absent in ("/mnt/root", "/mnt/prefix", "/mnt/a", "/mnt"):
+        assert mountinfo.mounted_at(absent, str(path)) is None

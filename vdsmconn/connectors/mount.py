@@ -36,7 +36,8 @@ def _check_mountpoint(path: str) -> None:
 
 async def read_mounts() -> dict[str, mountinfo.Mount]:
     """The mount table now. Read on the loop: /proc/self/mountinfo never blocks, not even on
-    a hung mount, and a thread hop costs more than the read (docs/performance.md)."""
+    a hung mount, and a thread hop costs more than the read (docs/performance.md). What is
+    at one path now: `mountinfo.mounted_at`, also on the loop."""
     return {m.mountpoint: m for m in mountinfo.read()}
 
 
@@ -95,7 +96,7 @@ class MountConnector(Connector[MountSpec]):
 
     async def connect(self, spec: MountSpec) -> Connected:
         path = self.mountpoint(spec)
-        m = (await read_mounts()).get(path)
+        m = mountinfo.mounted_at(path)
         if m is not None:
             if self.is_mount_of(m, spec):
                 return Connected(path=path)
@@ -126,7 +127,7 @@ class MountConnector(Connector[MountSpec]):
 
     async def disconnect(self, spec: MountSpec, force: bool = False) -> None:
         path = self.mountpoint(spec)
-        mount = (await read_mounts()).get(path)
+        mount = mountinfo.mounted_at(path)
         if mount is not None and not self.is_mount_of(mount, spec):
             log.warning("DISCONNECT %s: %s is mounted there, not this connection; left alone",
                         path, mount.source)
@@ -146,7 +147,7 @@ class MountConnector(Connector[MountSpec]):
 
     async def probe(self, spec: MountSpec) -> None:
         path = self.mountpoint(spec)
-        if path not in self.host.state.mounts and path not in await read_mounts():
+        if path not in self.host.state.mounts and mountinfo.mounted_at(path) is None:
             raise errors.MountError(f"{path} is not mounted")
         try:
             await self.host.probes.run(path, lambda: _check_mountpoint(path), f"probe of {path}",
@@ -184,7 +185,7 @@ class MountConnector(Connector[MountSpec]):
             await self._mount(spec, target, extra=("ro",))
             await unmount(self.host.runner, self.host.settings, target)
         finally:
-            if target in await read_mounts():
+            if mountinfo.mounted_at(target) is not None:
                 await unmount(self.host.runner, self.host.settings, target)
             await asyncio.to_thread(_remove_dir, target)
         return f"{spec.connection} mounts read-only"
@@ -217,7 +218,7 @@ async def unmount(runner: CommandRunner, settings: HostSettings, path: str) -> N
             last, timed_out = e.message, e
             continue
         timed_out = None
-        if path not in await read_mounts():
+        if mountinfo.mounted_at(path) is None:
             log.info("UNMOUNTED path=%s by=%s", path, " ".join(argv[:-1]))
             return
         if result.rc != 0 and _not_mounted(result.stderr):
@@ -233,7 +234,7 @@ async def abort_fuse(runner: CommandRunner, settings: HostSettings,
                      mount: mountinfo.Mount) -> None:
     """Abort the FUSE connection behind `mount` (fusectl), releasing every stuck caller."""
     minor = mount.major_minor.partition(":")[2]
-    if FUSECTL not in await read_mounts():
+    if mountinfo.mounted_at(FUSECTL) is None:
         await runner.run([settings.mount_command, "-t", "fusectl", "fusectl", FUSECTL],
                          timeout=min(UMOUNT_STEP_TIMEOUT, settings.command_timeout))
     try:

@@ -103,6 +103,36 @@ def read(path: str = PATH) -> list[Mount]:
         return parse(f.read().decode("utf-8", errors="surrogateescape"))
 
 
+def escape(path: str) -> str:
+    """A path as the kernel writes it in mountinfo (space, tab, newline, backslash octal)."""
+    for char in "\\ \t\n":
+        path = path.replace(char, f"\\{ord(char):03o}")
+    return path
+
+
+def mounted_at(mountpoint: str, path: str = PATH) -> Mount | None:
+    """The mount on top at `mountpoint` now, or None. Reads the table but parses only the
+    lines that name it: a connect or an unmount asks this of one path while a thousand
+    others are mounted."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    needle = f" {escape(mountpoint)}".encode("utf-8", errors="surrogateescape")
+    found: Mount | None = None
+    start = raw.find(needle)
+    while start >= 0:
+        begin = raw.rfind(b"\n", 0, start) + 1
+        end = raw.find(b"\n", start)
+        end = end if end >= 0 else len(raw)
+        after = start + len(needle)
+        # Followed by the options, or by the mark of a deleted mount point.
+        if raw.startswith((b" ", _DELETED.encode()), after):
+            mount = parse_line(raw[begin:end].decode("utf-8", errors="surrogateescape"))
+            if mount is not None and mount.mountpoint == mountpoint:
+                found = mount  # the last one is on top
+        start = raw.find(needle, end)
+    return found
+
+
 def normalized_source(m: Mount) -> str:
     """The source in the form specs use: `server://a/` and `server:/a` are both `server:/a`."""
     return normalize_remote(m.source)
