@@ -36,7 +36,7 @@ from vdsmconn.model import (
     State,
 )
 from vdsmconn.reconcile.reconciler import Reconciler
-from vdsmconn.state.actual import ActualState, Change
+from vdsmconn.state.actual import CONNECTED_STATES, ActualState, Change
 from vdsmconn.state.desired import DesiredState, Entry
 from vdsmconn.state.store import Delete, DeleteTeardown, Op, Put, PutTeardown, Store
 from vdsmconn.status import (
@@ -325,18 +325,27 @@ class Service:
         for cid in cids:
             self.status(cid)  # 479 for an unknown CID, before waiting
 
-        def done(statuses: dict[str, StatusView]) -> bool:
-            if all(s.connected for s in statuses.values()):
+        def state(cid: str) -> State | None:
+            entry = self.desired.get(cid)
+            if entry is None:
+                self.status(cid)  # 479: unmanaged while we waited
+                return None
+            st = self.actual.get(entry.key)
+            return st.state if st is not None else None
+
+        def done() -> bool:
+            # Looked at on every change of any key: states only, no status views.
+            states = [state(cid) for cid in cids]
+            if all(s in CONNECTED_STATES for s in states):
                 return True
-            return until == "error" and any(s.failed for s in statuses.values())
+            return until == "error" and any(s in (State.FAILED, State.STUCK) for s in states)
 
         try:
             async with asyncio.timeout(timeout):
                 while True:
                     changed = self._changed
-                    statuses = {cid: self.status(cid) for cid in cids}
-                    if done(statuses):
-                        return statuses
+                    if done():
+                        return {cid: self.status(cid) for cid in cids}
                     await changed.wait()
         except TimeoutError:
             statuses = {cid: self.status(cid) for cid in cids}

@@ -174,3 +174,16 @@ def test_mounted_at_agrees_with_the_whole_table(tmp_path: Path) -> None:
     assert top is not None and top.source == "two"
     for absent in ("/mnt/root", "/mnt/prefix", "/mnt/a", "/mnt"):
         assert mountinfo.mounted_at(absent, str(path)) is None
+
+
+def test_parser_of_successive_reads_agrees_with_parse() -> None:
+    parser = mountinfo.Parser()
+    first = parser.parse(CAPTURED.encode())
+    assert first == parse(CAPTURED)
+    grown = CAPTURED + "80 27 0:70 / /mnt/new rw - tmpfs new rw\nnot a mountinfo line\n"
+    second = parser.parse(grown.encode())
+    assert second == parse(grown)
+    # Lines seen before are not parsed again: the same objects come back.
+    assert all(a is b for a, b in zip(first, second[:len(first)], strict=True))
+    shrunk = "\n".join(CAPTURED.splitlines()[1:])
+    assert parser.parse(shrunk.encode()) == parse(shrunk)

@@ -39,6 +39,7 @@ class MountinfoWatcher:
         self.debounce = debounce
         self.wakes = 0  # kernel notifications seen (for metrics and tests)
         self.reads = 0  # times the table was read
+        self._parser = mountinfo.Parser()
 
     async def run(self, on_change: Callable[[list[Mount]], None]) -> None:
         loop = asyncio.get_running_loop()
@@ -80,4 +81,4 @@ class MountinfoWatcher:
     def _read(self, table: BinaryIO) -> list[Mount]:
         table.seek(0)
         self.reads += 1
-        return mountinfo.parse(table.read().decode("utf-8", errors="surrogateescape"))
+        return self._parser.parse(table.read())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 from vdsmconn import errors
@@ -41,6 +41,7 @@ class Reconciler:
         # The periodic probes of connected keys whose probe is one check, in rounds.
         self.sweep: Sweep | None = Sweep(clock, sup.probe_interval)
         self._supervisors: dict[ConnectionKey, Supervisor] = {}
+        self._unseen: set[ConnectionKey] = set()  # connected since the last table read
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         # Told when a key's real connection is gone (the service drops its teardown record).
@@ -69,8 +70,32 @@ class Reconciler:
 
     def on_mounts(self, mounts: dict[str, Mount]) -> None:
         """The mount table changed: wake every connected key whose mount is gone."""
+        old = self.actual.mounts
         self.actual.set_mounts(mounts)
-        for key, sup in self._supervisors.items():
+        # Only a mount that went or was replaced can take a key's connection away; most
+        # changes are mounts that came (a thousand connects read the table a thousand times).
+        # A key connected since the last read may have lost its mount before this one saw it.
+        unseen, self._unseen = self._unseen, set()
+        if any((now := mounts.get(path)) is not mount and now != mount
+               for path, mount in old.items()):
+            self._wake_vanished()
+        else:
+            self._wake_vanished(unseen)
+
+    def on_devices(self) -> None:
+        """A block device came or went: wake every connected key whose device is gone."""
+        self._wake_vanished()
+
+    def connected(self, key: ConnectionKey) -> None:
+        """`key` connected: the next mount table read must show it, or it vanished."""
+        self._unseen.add(key)
+
+    def _wake_vanished(self, keys: Collection[ConnectionKey] | None = None) -> None:
+        """Wake the connected keys (of `keys`; all by default) that the host no longer shows."""
+        for key in self._supervisors if keys is None else keys:
+            sup = self._supervisors.get(key)
+            if sup is None:
+                continue
             status = self.actual.get(key)
             spec = sup.spec
             if spec is None or status is None or not status.connected:
@@ -78,10 +103,6 @@ class Reconciler:
             if self.connectors[spec.TYPE].present(spec) is None:
                 log.info("VANISHED key=%s", key)
                 sup.kick(suspect=True)
-
-    def on_devices(self) -> None:
-        """A block device came or went: wake every connected key whose device is gone."""
-        self.on_mounts(self.actual.mounts)
 
     async def refresh_mounts(self, notify: bool = True) -> bool:
         """Read the mount table now (the watcher's copy may trail the host)."""

@@ -56,6 +56,8 @@ class Owner(Protocol):
 
     async def refresh_mounts(self, notify: bool = True) -> bool: ...
 
+    def connected(self, key: ConnectionKey) -> None: ...
+
     def forget(self, sup: Supervisor) -> None: ...
 
 
@@ -195,6 +197,7 @@ class Supervisor:
         self.backoff.reset()
         self._set(State.DEGRADED if found.degraded else State.CONNECTED,
                   last_check=self.rec.clock.time(), found=found)
+        self.rec.connected(self.key)
 
     async def _watch(self, spec: ConnectionSpec) -> None:
         """Connected: wait for the probe interval or an event, then check. A key whose probe
