@@ -187,6 +187,13 @@ def _by_path(mounts: list[Mount]) -> dict[str, Mount]:
 
 
 def setup_logging(level: str) -> None:
+    # The format shows none of these, and every request logs a line: not looking for the
+    # caller's frame, thread and process saves a third of the cost of a line (the logging
+    # HOWTO's "Optimization").
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     logging.basicConfig(
         stream=sys.stderr, level=getattr(logging, level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

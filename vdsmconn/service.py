@@ -90,17 +90,21 @@ class Service:
         for cid in cids:
             self._locks.setdefault(cid, asyncio.Lock())
             self._lock_users[cid] = self._lock_users.get(cid, 0) + 1
-        async with contextlib.AsyncExitStack() as stack:
-            try:
-                for cid in cids:
-                    await stack.enter_async_context(self._locks[cid])
-                yield
-            finally:
-                for cid in cids:
-                    self._lock_users[cid] -= 1
-                    if not self._lock_users[cid]:
-                        del self._lock_users[cid]
-                        del self._locks[cid]
+        try:
+            if len(cids) == 1:  # a manage or update: no exit stack
+                async with self._locks[cids[0]]:
+                    yield
+            else:
+                async with contextlib.AsyncExitStack() as stack:
+                    for cid in cids:
+                        await stack.enter_async_context(self._locks[cid])
+                    yield
+        finally:
+            for cid in cids:
+                self._lock_users[cid] -= 1
+                if not self._lock_users[cid]:
+                    del self._lock_users[cid]
+                    del self._locks[cid]
 
     def _on_change(self, change: Change | None = None) -> None:
         self._changed.set()
@@ -149,6 +153,11 @@ class Service:
     async def _manage(self, cid: str, spec: ConnectionSpec) -> dict[str, str]:
         async with self._locked([cid]):
             if self.desired.check_manage(cid, spec):
+                # A connected key that other CIDs already refer to has this spec and its
+                # supervisor: one more reference is nothing for it to do.
+                st = self.actual.get(spec.key)
+                quiet = bool(self.desired.refs(spec.key) and st is not None and st.connected
+                             and self.reconciler.supervises(spec.key))
                 # Applied first, so a concurrent manage of the same key is checked against
                 # it; a supervisor seeing the extra reference early changes nothing.
                 self.desired.apply_put(cid, spec)
@@ -160,7 +169,8 @@ class Service:
                 log.info("MANAGE cid=%s key=%s refs=%d", cid, spec.key,
                          self.desired.refs(spec.key))
                 self._departed.pop(spec.key, None)
-                self.reconciler.kick(spec.key)
+                if not quiet:
+                    self.reconciler.kick(spec.key)
                 self._on_change()
         return {"connectionID": cid, "key": str(spec.key)}
 

@@ -70,6 +70,9 @@ class Reconciler:
         else:
             sup.kick(suspect=suspect)
 
+    def supervises(self, key: ConnectionKey) -> bool:
+        return key in self._supervisors
+
     def on_mounts(self, mounts: dict[str, Mount]) -> None:
         """The mount table changed: wake every connected key whose mount is gone."""
         old = self.actual.mounts

@@ -188,9 +188,13 @@ class Connection:
     async def _write_loop(self) -> None:
         try:
             while True:
+                heartbeat = self._heartbeat()
                 try:
-                    async with asyncio.timeout(self._heartbeat()):
+                    if heartbeat is None:  # no timer per reply where none is needed
                         data = await self._queue.get()
+                    else:
+                        async with asyncio.timeout(heartbeat):
+                            data = await self._queue.get()
                 except TimeoutError:
                     self._writer.write(b"\n")
                 else:
