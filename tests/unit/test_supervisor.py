@@ -11,16 +11,19 @@ import dataclasses
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.wait import eventually as until
 from vdsmconn import config, connectors
 from vdsmconn.clock import FakeClock
-from vdsmconn.connectors.base import HostContext
+from vdsmconn.connectors.base import HostContext, QuickCheck
 from vdsmconn.host.fakerunner import FakeRunner
 from vdsmconn.model import ConnectionKey, ConnectionSpec, LocalSpec, PosixSpec, State
 from vdsmconn.reconcile.reconciler import Reconciler
+from vdsmconn.reconcile.supervisor import SWEEP_GRACE
+from vdsmconn.reconcile.sweep import Ticket
 from vdsmconn.state.actual import ActualState, KeyStatus
 from vdsmconn.state.desired import DesiredState
 
@@ -181,3 +184,31 @@ async def test_held_key_is_not_torn_down_until_the_change_is_durable(
         world.desired.apply_delete("c")
     world.rec.kick(key)  # durable now
     await until(lambda: world.actual.get(key) is None, "")
+
+
+async def test_a_key_the_sweep_does_not_check_is_probed_by_its_supervisor(
+        world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The sweep stalls (a bug): within a few probe intervals the supervisor probes itself."""
+    data = tmp_path / "d"
+    data.mkdir()
+    local = world.connectors["localfs"]
+    monkeypatch.setattr(local, "quick_check", lambda spec: QuickCheck(
+        spec.connection, lambda: None, "check", local.host.probes, 5.0))
+    enlisted: list[float] = []
+
+    def stalled(sup: Any, check: QuickCheck, due: float) -> Ticket:
+        enlisted.append(due)
+        return Ticket(sup, check)  # never checked
+
+    assert world.rec.sweep is not None
+    monkeypatch.setattr(world.rec.sweep, "enlist", stalled)
+    key = world.manage("c", LocalSpec(connection=str(data)))
+    await until(lambda: world.actual.get(key) and world.status(key).state == State.CONNECTED, "")
+    first = world.status(key).last_check
+    await until(lambda: enlisted, "enlisted")
+    assert first is not None and enlisted == [first + 30.0]
+    await world.clock.advance(30.0 * SWEEP_GRACE)
+    await until(lambda: world.status(key).last_check != first, "probed by its supervisor")
+    assert "not checked by the sweep for 90 s; probing here" in caplog.text
+    assert world.status(key).state == State.CONNECTED and len(enlisted) == 2

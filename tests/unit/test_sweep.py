@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -153,5 +154,24 @@ async def test_a_round_that_waits_for_a_hang_does_not_hold_up_the_next(
         # Well before the hung check's deadline (30 s), the next round has run.
         await until(lambda: fine.probed_at, "the next round ran", timeout=10)
         assert stuck.kicks == []
+    finally:
+        await sweep.close()
+
+
+async def test_a_round_that_fails_hands_its_keys_back_to_their_supervisors() -> None:
+    class Broken(Probes):
+        async def sweep(self, checks: Any, timeout: float) -> list[object]:
+            raise RuntimeError("a bug")
+
+    clock = FakeClock()
+    sweep = Sweep(clock, 10.0)
+    sups = [FakeSup() for _ in range(3)]
+    for i, sup in enumerate(sups):
+        sweep.enlist(sup, QuickCheck(f"/mnt/{i}", lambda: None, "x", Broken(), 1.0),
+                     clock.time() + 10)
+    try:
+        await clock.advance(10)
+        await until(lambda: all(s.kicks for s in sups), "woken")
+        assert [s.kicks for s in sups] == [[True]] * 3 and not any(s.probed_at for s in sups)
     finally:
         await sweep.close()

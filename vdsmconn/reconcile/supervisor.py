@@ -33,6 +33,8 @@ from vdsmconn.state.desired import DesiredState
 
 log = logging.getLogger(__name__)
 
+SWEEP_GRACE = 3  # probe intervals without a sweep check before a supervisor probes itself
+
 
 class Owner(Protocol):
     """What a supervisor needs of the reconciler that owns it."""
@@ -203,20 +205,28 @@ class Supervisor:
         """Connected: wait for the probe interval or an event, then check. A key whose probe
         is one blocking check is probed by the sweep meanwhile, and checked here only when
         that fails or an event says so."""
+        interval = self.rec.config.supervisor.probe_interval
         sweep = self.rec.sweep
         check = self._connector(spec).quick_check(spec) if sweep is not None else None
         if sweep is not None and check is not None:
             status = self.status
             last = status.last_check if status and status.last_check else self.rec.clock.time()
-            ticket = sweep.enlist(self, check, last + self.rec.config.supervisor.probe_interval)
+            ticket = sweep.enlist(self, check, last + interval)
             try:
-                await self.wake.wait()
+                # A look every few intervals: should the sweep ever stall, the key is
+                # probed here as if there were none.
+                woken = await self._pause(SWEEP_GRACE * interval)
             finally:
                 ticket.cancel()
-            self.wake.clear()
-            woken = True
+            status = self.status
+            if not woken and status is not None and status.last_check is not None and \
+                    self.rec.clock.time() - status.last_check < SWEEP_GRACE * interval:
+                return  # the sweep probed it meanwhile: enlist again
+            if not woken:
+                log.warning("PROBE key=%s not checked by the sweep for %g s; probing here",
+                            self.key, SWEEP_GRACE * interval)
         else:
-            woken = await self._pause(self.rec.config.supervisor.probe_interval)
+            woken = await self._pause(interval)
         if self.rec.desired.spec_of(self.key) != spec or (woken and not self.suspect):
             return
         fresh, self.suspect = self.suspect, False

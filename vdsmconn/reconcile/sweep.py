@@ -15,12 +15,15 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import logging
 from collections.abc import Callable
 from typing import Protocol
 
 from vdsmconn.clock import Clock
 from vdsmconn.connectors.base import QuickCheck
 from vdsmconn.host.probe import BUSY
+
+log = logging.getLogger(__name__)
 
 ROUND_WINDOW = 1.0  # seconds: keys due this much later join a round (at most interval/10)
 
@@ -103,6 +106,16 @@ class Sweep:
             task.add_done_callback(self._rounds.discard)
 
     async def _round(self, tickets: list[Ticket]) -> None:
+        try:
+            await self._checks(tickets)
+        except Exception:  # a bug: the keys go back to probing on their own
+            log.exception("SWEEP round of %d checks failed", len(tickets))
+            for ticket in tickets:
+                if ticket.live:
+                    ticket.cancel()
+                    ticket.sup.kick(suspect=True)
+
+    async def _checks(self, tickets: list[Ticket]) -> None:
         if self.on_round is not None:
             self.on_round(len(tickets))
         groups: dict[tuple[int, float], list[Ticket]] = {}
