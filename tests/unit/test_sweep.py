@@ -175,3 +175,21 @@ async def test_a_round_that_fails_hands_its_keys_back_to_their_supervisors() -> 
         assert [s.kicks for s in sups] == [[True]] * 3 and not any(s.probed_at for s in sups)
     finally:
         await sweep.close()
+
+
+async def test_idle_waits_for_a_running_probe_but_not_for_a_hung_one(
+        hang: threading.Event) -> None:
+    probes = Probes()
+    slow = threading.Event()
+    running = asyncio.create_task(probes.run("/mnt/s", slow.wait, "s", 30))
+    await until(lambda: probes.running("/mnt/s"))
+    waiter = asyncio.create_task(probes.idle("/mnt/s", 30))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()  # the check is still out
+    slow.set()
+    await asyncio.wait_for(waiter, 10)
+    assert await running is True
+    with pytest.raises(errors.Timeout):
+        await probes.run("/mnt/h", hang.wait, "h", 0.05)
+    await asyncio.wait_for(probes.idle("/mnt/h", 30), 10)  # abandoned: not waited for (30 s)
+    await probes.idle("/mnt/none", 30)

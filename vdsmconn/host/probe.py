@@ -323,6 +323,14 @@ class Probes:
         self._track(target, mine)
         return await mine.result(timeout)
 
+    async def idle(self, target: str, timeout: float) -> None:
+        """Until no probe of `target` is running, within `timeout` of its running; one
+        already given up on (it hangs) is not waited for. Its outcome is its caller's."""
+        current = self._running.get(target)
+        if current is not None and current.running and not current.abandoned:
+            with contextlib.suppress(Exception):
+                await current.outcome(timeout)
+
     async def sweep(self, checks: Sequence[tuple[str, Callable[[], object], str]],
                     timeout: float) -> list[object]:
         """Many checks `(target, fn, name)` at once, each within `timeout` seconds of its

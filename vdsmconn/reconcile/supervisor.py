@@ -218,6 +218,8 @@ class Supervisor:
                 woken = await self._pause(SWEEP_GRACE * interval)
             finally:
                 ticket.cancel()
+            # One operation at a time: a check of the sweep still out ends first.
+            await check.probes.idle(check.target, check.timeout)
             status = self.status
             if not woken and status is not None and status.last_check is not None and \
                     self.rec.clock.time() - status.last_check < SWEEP_GRACE * interval:
