@@ -5,7 +5,8 @@ function of the busy samples.
 A recording is py-spy's raw format (collapsed stacks, with --threads and --idle): one line per
 stack, `thread (TID): NAME;frame;frame;... COUNT`, each frame `function (file:line)`. A sample
 counts as idle when its innermost frame is a thread waiting for work: the event loop in
-`select`, an executor worker or the store's writer waiting on their queue (IDLE_LEAVES).
+`select`, an executor worker, the store's writer, a probe or spawner thread waiting on its
+queue (IDLE_LEAVES).
 Everything else is busy, including a loop blocked in a system call or on a lock.
 """
 
@@ -31,6 +32,9 @@ IDLE_LEAVES = (
     "select (selectors.py:",  # EpollSelector.select
     "_worker (concurrent/futures/thread.py:",
     "Store._serve (vdsmconn/state/store.py:",
+    # Pool threads waiting on their SimpleQueue (a C call: the Python frame is the leaf).
+    "_Worker.run (vdsmconn/host/probe.py:",
+    "_Spawner._work (vdsmconn/host/command.py:",
 )
 LOOP = "MainThread"
 
