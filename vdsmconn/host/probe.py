@@ -177,7 +177,7 @@ class Probe(Generic[T]):
     async def outcome(self, timeout: float) -> T:
         """The result within `timeout` of the check's own running time; `TimeoutError`
         after it, with the check still running (the caller abandons it or not)."""
-        left: float | None = timeout
+        left = self.left(timeout)  # a check taken up a while ago has less left
         while left is not None:
             try:
                 async with asyncio.timeout(left):

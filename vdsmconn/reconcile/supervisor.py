@@ -33,7 +33,9 @@ from vdsmconn.state.desired import DesiredState
 
 log = logging.getLogger(__name__)
 
-SWEEP_GRACE = 3  # probe intervals without a sweep check before a supervisor probes itself
+# Probe intervals (plus one probe timeout: a check that hangs is given up on by then)
+# without a sweep check before a supervisor probes its key itself.
+SWEEP_GRACE = 3
 
 
 class Owner(Protocol):
@@ -212,21 +214,22 @@ class Supervisor:
             status = self.status
             last = status.last_check if status and status.last_check else self.rec.clock.time()
             ticket = sweep.enlist(self, check, last + interval)
+            grace = SWEEP_GRACE * interval + check.timeout
             try:
                 # A look every few intervals: should the sweep ever stall, the key is
                 # probed here as if there were none.
-                woken = await self._pause(SWEEP_GRACE * interval)
+                woken = await self._pause(grace)
             finally:
                 ticket.cancel()
             # One operation at a time: a check of the sweep still out ends first.
             await check.probes.idle(check.target, check.timeout)
             status = self.status
             if not woken and status is not None and status.last_check is not None and \
-                    self.rec.clock.time() - status.last_check < SWEEP_GRACE * interval:
+                    self.rec.clock.time() - status.last_check < grace:
                 return  # the sweep probed it meanwhile: enlist again
             if not woken:
                 log.warning("PROBE key=%s not checked by the sweep for %g s; probing here",
-                            self.key, SWEEP_GRACE * interval)
+                            self.key, grace)
         else:
             woken = await self._pause(interval)
         if self.rec.desired.spec_of(self.key) != spec or (woken and not self.suspect):
