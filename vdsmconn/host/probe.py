@@ -110,7 +110,11 @@ _POOL = _Pool(POOL_SIZE)
 class Probe(Generic[T]):
     def __init__(self, fn: Callable[[], T], name: str, *, submit: bool = True) -> None:
         self.loop = asyncio.get_running_loop()
-        self.done: asyncio.Future[T] = self.loop.create_future()
+        # Made when a caller waits for it: a check of a sweep that nobody awaits costs the
+        # loop no future and no callbacks.
+        self._done: asyncio.Future[T] | None = None
+        self.settled = False  # its outcome has reached the loop
+        self.on_settle: Callable[[], None] | None = None
         self.name = name
         self.fn = fn
         self.started = time.monotonic()
@@ -143,16 +147,36 @@ class Probe(Generic[T]):
 
     def settle(self) -> None:
         """On the loop, once finished: its outcome to whoever awaits it."""
-        if self.done.done():
+        if self.settled:
+            return
+        self.settled = True
+        if self._done is not None:
+            self._resolve(self._done)
+        if self.on_settle is not None:
+            self.on_settle()
+
+    @property
+    def done(self) -> asyncio.Future[T]:
+        """The outcome as a future (resolved when the check has settled)."""
+        if self._done is None:
+            self._done = self.loop.create_future()
+            if self.settled:
+                self._resolve(self._done)
+        return self._done
+
+    def _resolve(self, future: asyncio.Future[T]) -> None:
+        if future.done():
             return
         if self.error is not None:
-            self.done.set_exception(self.error)
+            future.set_exception(self.error)
+            # Delivered to whoever awaits it; a caller that left is no "never retrieved".
+            future.exception()
         else:
-            self.done.set_result(self.value)  # type: ignore[arg-type]
+            future.set_result(self.value)  # type: ignore[arg-type]
 
     @property
     def running(self) -> bool:
-        return not self.done.done()
+        return not self.settled
 
     def left(self, timeout: float) -> float | None:
         """Seconds left of `timeout` counted from when a thread took the check up (all of it
@@ -172,7 +196,6 @@ class Probe(Generic[T]):
             self.abandoned = True
             if self.worker is not None:
                 _POOL.replace(self.worker)
-            self.done.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def outcome(self, timeout: float) -> T:
         """The result within `timeout` of the check's own running time; `TimeoutError`
@@ -370,12 +393,9 @@ class Probes:
 
     def _track(self, target: str, probe: Probe[Any]) -> None:
         self._running[target] = probe
-        # An exception is the caller's; one whose caller left (cancelled) is not "never
-        # retrieved" either.
-        probe.done.add_done_callback(lambda f: f.cancelled() or f.exception())
 
-        def forget(_: asyncio.Future[Any]) -> None:
+        def forget() -> None:
             if self._running.get(target) is probe:
                 del self._running[target]
 
-        probe.done.add_done_callback(forget)
+        probe.on_settle = forget
