@@ -110,6 +110,7 @@ class Metrics:
         # Labelled children looked up once: a probe of every key is timed.
         self._running: dict[tuple[str, str], Gauge] = {}
         self._durations: dict[tuple[str, str, str], Histogram] = {}
+        self._requests: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         self.operations_in_progress = Gauge(
             f"{PREFIX}_operations_in_progress", "Operations running now",
             ["operation", "type"], registry=reg)
@@ -211,8 +212,13 @@ class Metrics:
         return handler
 
     def rpc_request(self, method: str, code: int, seconds: float) -> None:
-        self.rpc_requests.labels(method, str(code)).inc()
-        self.rpc_seconds.labels(method, str(code)).observe(seconds)
+        children = self._requests.get((method, code))
+        if children is None:
+            children = (self.rpc_requests.labels(method, str(code)),
+                        self.rpc_seconds.labels(method, str(code)))
+            self._requests[method, code] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     # --- reads (any thread) --------------------------------------------------------------
 

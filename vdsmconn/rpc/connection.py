@@ -62,6 +62,7 @@ class Connection:
         self._flush = False
         self._reason = "closed"
         self._tg: asyncio.TaskGroup | None = None
+        self._last_input = 0.0  # loop time of the last line read
 
     @property
     def peer(self) -> str:
@@ -120,6 +121,32 @@ class Connection:
 
     async def _read_loop(self) -> None:
         assert self._tg is not None
+        # One timer for the idle limit, moved on only when it fires: a timeout around
+        # every read cost each request about a tenth of its loop time.
+        loop = asyncio.get_running_loop()
+        self._last_input = loop.time()
+        idle = loop.call_later(self._limits.idle_timeout, self._idle_check)
+        try:
+            await self._read_lines()
+        finally:
+            idle.cancel()
+
+    def _idle_check(self) -> None:
+        """Drop the client after idle_timeout without input while none of its requests
+        runs; else look again when that can next be so."""
+        loop = asyncio.get_running_loop()
+        now, limit = loop.time(), self._limits.idle_timeout
+        if self._stop.is_set():
+            return
+        if self._pending:
+            loop.call_at(now + limit, self._idle_check)
+        elif now < self._last_input + limit:
+            loop.call_at(self._last_input + limit, self._idle_check)
+        else:
+            log.info("DROP peer=%s reason=idle for %ss", self._peer, limit)
+            self._close("idle", flush=True)
+
+    async def _read_lines(self) -> None:
         while True:
             if len(self._pending) >= self._limits.max_pending:
                 await asyncio.wait(self._pending, return_when=asyncio.FIRST_COMPLETED)
@@ -139,11 +166,6 @@ class Connection:
             except OSError as exc:
                 self._close(f"read failed: {exc}", flush=False)
                 return
-            if line is None:
-                log.info("DROP peer=%s reason=idle for %ss", self._peer,
-                         self._limits.idle_timeout)
-                self._close("idle", flush=True)
-                return
             if not line:  # end of input: finish what was asked, then close
                 if self._pending:
                     await asyncio.wait(self._pending)
@@ -159,22 +181,16 @@ class Connection:
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    async def _readline(self) -> bytes | None:
-        """The next line (b"" at end of input), or None after idle_timeout without input
-        while no request of this client is running."""
+    async def _readline(self) -> bytes:
+        """The next line (b"" at end of input)."""
         if self._head:
             first, eol, self._head = self._head.partition(b"\n")
             if eol:
                 return first + eol
-            rest = await self._readline()
-            return None if rest is None else first + rest
-        while True:
-            try:
-                async with asyncio.timeout(self._limits.idle_timeout):
-                    return await self._reader.readline()
-            except TimeoutError:
-                if not self._pending:
-                    return None
+            return first + await self._readline()
+        line = await self._reader.readline()
+        self._last_input = asyncio.get_running_loop().time()
+        return line
 
     async def _request(self, line: bytes) -> None:
         reply = await self._dispatcher.handle(line, self)

@@ -229,11 +229,15 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+# Made once: json.loads with arguments makes a new decoder on every call.
+_DECODER = json.JSONDecoder(parse_float=_RawFloat, parse_constant=_reject_constant)
+
+
 def _loads(data: bytes) -> Any:
     """Parse strict UTF-8 JSON; any failure is a ParseError."""
     try:
         text = data.decode("utf-8")
-        return json.loads(text, parse_float=_RawFloat, parse_constant=_reject_constant)
+        return _DECODER.decode(text)
     except UnicodeDecodeError as exc:
         raise errors.ParseError(f"Parse error: invalid UTF-8 at byte {exc.start}") from None
     except RecursionError:
