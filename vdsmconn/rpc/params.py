@@ -194,6 +194,8 @@ class _Fields:
         return value
 
     def check_unused(self) -> None:
+        if self.used.issuperset(self.data):  # the usual case: every key was taken
+            return
         unused = sorted(set(self.data) - self.used)
         for name in unused:
             if name not in self.tolerated:
