@@ -201,7 +201,6 @@ async def test_a_key_the_sweep_does_not_check_is_probed_by_its_supervisor(
         enlisted.append(due)
         return Ticket(sup, check)  # never checked
 
-    assert world.rec.sweep is not None
     monkeypatch.setattr(world.rec.sweep, "enlist", stalled)
     key = world.manage("c", LocalSpec(connection=str(data)))
     await until(lambda: world.actual.get(key) and world.status(key).state == State.CONNECTED, "")

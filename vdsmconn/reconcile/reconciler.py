@@ -40,7 +40,7 @@ class Reconciler:
         sup = config.supervisor
         self.limits = Limits(sup.max_operations, sup.max_operations_per_server)
         # The periodic probes of connected keys whose probe is one check, in rounds.
-        self.sweep: Sweep | None = Sweep(clock, sup.probe_interval)
+        self.sweep = Sweep(clock, sup.probe_interval)
         self._supervisors: dict[ConnectionKey, Supervisor] = {}
         self._unseen: set[ConnectionKey] = set()  # connected since the last table read
         self._parser = mountinfo.Parser()  # for reads of the whole table (lists, probes)
@@ -157,6 +157,5 @@ class Reconciler:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self.sweep is not None:
-            await self.sweep.close()
+        await self.sweep.close()
         self._supervisors.clear()

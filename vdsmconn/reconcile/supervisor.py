@@ -54,7 +54,7 @@ class Owner(Protocol):
     @property
     def limits(self) -> Limits: ...
     @property
-    def sweep(self) -> Sweep | None: ...
+    def sweep(self) -> Sweep: ...
     @property
     def on_torn_down(self) -> Callable[[ConnectionKey], Awaitable[None]] | None: ...
 
@@ -208,12 +208,11 @@ class Supervisor:
         is one blocking check is probed by the sweep meanwhile, and checked here only when
         that fails or an event says so."""
         interval = self.rec.config.supervisor.probe_interval
-        sweep = self.rec.sweep
-        check = self._connector(spec).quick_check(spec) if sweep is not None else None
-        if sweep is not None and check is not None:
+        check = self._connector(spec).quick_check(spec)
+        if check is not None:
             status = self.status
             last = status.last_check if status and status.last_check else self.rec.clock.time()
-            ticket = sweep.enlist(self, check, last + interval)
+            ticket = self.rec.sweep.enlist(self, check, last + interval)
             grace = SWEEP_GRACE * interval + check.timeout
             try:
                 # A look every few intervals: should the sweep ever stall, the key is
