@@ -63,6 +63,7 @@ class Connection:
         self._reason = "closed"
         self._tg: asyncio.TaskGroup | None = None
         self._last_input = 0.0  # loop time of the last line read
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     @property
     def peer(self) -> str:
@@ -125,11 +126,11 @@ class Connection:
         # every read cost each request about a tenth of its loop time.
         loop = asyncio.get_running_loop()
         self._last_input = loop.time()
-        idle = loop.call_later(self._limits.idle_timeout, self._idle_check)
+        self._idle_timer = loop.call_later(self._limits.idle_timeout, self._idle_check)
         try:
             await self._read_lines()
         finally:
-            idle.cancel()
+            self._idle_timer.cancel()
 
     def _idle_check(self) -> None:
         """Drop the client after idle_timeout without input while none of its requests
@@ -139,9 +140,9 @@ class Connection:
         if self._stop.is_set():
             return
         if self._pending:
-            loop.call_at(now + limit, self._idle_check)
+            self._idle_timer = loop.call_at(now + limit, self._idle_check)
         elif now < self._last_input + limit:
-            loop.call_at(self._last_input + limit, self._idle_check)
+            self._idle_timer = loop.call_at(self._last_input + limit, self._idle_check)
         else:
             log.info("DROP peer=%s reason=idle for %ss", self._peer, limit)
             self._close("idle", flush=True)
