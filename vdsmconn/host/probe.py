@@ -284,20 +284,18 @@ class _Batch:
         `timeout` seconds after its thread took it up is abandoned (its thread leaves the
         pool), and the checks after it go to another thread."""
         batch = self
-        while True:
-            while not batch.settled.done():
-                current = batch.current()
-                left = current.left(timeout) if current is not None else timeout
-                if left is None and current is not None:
-                    current.abandon()
-                    rest = batch.cut()
-                    if not rest:
-                        return
-                    batch = _Batch(rest)
-                    _POOL.submit(batch)
-                    continue
-                await asyncio.wait({batch.settled}, timeout=left)
-            return
+        while not batch.settled.done():
+            current = batch.current()
+            left = current.left(timeout) if current is not None else timeout
+            if left is None and current is not None:
+                current.abandon()
+                rest = batch.cut()
+                if not rest:
+                    return
+                batch = _Batch(rest)
+                _POOL.submit(batch)
+                continue
+            await asyncio.wait({batch.settled}, timeout=left)
 
 
 async def run(fn: Callable[[], T], name: str, timeout: float) -> T:
