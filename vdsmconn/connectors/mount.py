@@ -39,10 +39,7 @@ async def read_mounts(parser: mountinfo.Parser | None = None) -> dict[str, mount
     Read on the loop: /proc/self/mountinfo never blocks, not even on a hung mount, and a
     thread hop costs more than the read (docs/performance.md). What is at one path now:
     `mountinfo.mounted_at`, also on the loop."""
-    if parser is None:
-        return {m.mountpoint: m for m in mountinfo.read()}
-    with open(mountinfo.PATH, "rb") as f:  # noqa: ASYNC230 - procfs: never blocks
-        return {m.mountpoint: m for m in parser.parse(f.read())}
+    return {m.mountpoint: m for m in mountinfo.read(parser=parser)}
 
 
 class MountConnector(Connector[MountSpec]):

@@ -124,10 +124,14 @@ class Parser:
         return mounts
 
 
-def read(path: str = PATH) -> list[Mount]:
-    """The current mount table of this process's mount namespace."""
+def read(path: str = PATH, parser: Parser | None = None) -> list[Mount]:
+    """The current mount table of this process's mount namespace (`parser`: one that
+    parsed earlier reads, for reading it often)."""
     with open(path, "rb") as f:
-        return parse(f.read().decode("utf-8", errors="surrogateescape"))
+        raw = f.read()
+    if parser is not None:
+        return parser.parse(raw)
+    return parse(raw.decode("utf-8", errors="surrogateescape"))
 
 
 def escape(path: str) -> str:
