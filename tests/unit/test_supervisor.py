@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,8 +19,9 @@ import pytest
 from tests.wait import eventually as until
 from vdsmconn import config, connectors
 from vdsmconn.clock import FakeClock
-from vdsmconn.connectors.base import HostContext, QuickCheck
+from vdsmconn.connectors.base import Connected, HostContext, QuickCheck
 from vdsmconn.host.fakerunner import FakeRunner
+from vdsmconn.host.mountinfo import Mount
 from vdsmconn.model import ConnectionKey, ConnectionSpec, LocalSpec, PosixSpec, State
 from vdsmconn.reconcile.reconciler import Reconciler
 from vdsmconn.reconcile.supervisor import SWEEP_GRACE
@@ -38,7 +40,8 @@ class World:
         self.runner = FakeRunner()
         self.desired = DesiredState()
         self.actual = ActualState()
-        host = HostContext(config.host_settings(self.config), self.runner)
+        host = HostContext(config.host_settings(self.config), self.runner,
+                           state=self.actual.host)  # shared, as in the daemon
         self.connectors = connectors.build(host)
         self.rec = Reconciler(self.config, self.desired, self.actual, self.connectors,
                               self.clock)
@@ -213,3 +216,46 @@ async def test_a_key_the_sweep_does_not_check_is_probed_by_its_supervisor(
     await until(lambda: world.status(key).last_check != first, "probed by its supervisor")
     assert "not checked by the sweep for 95 s; probing here" in caplog.text
     assert world.status(key).state == State.CONNECTED and len(enlisted) == 2
+
+
+def _mount_at(path: str, source: str, fstype: str = "xfs", mount_id: int = 100) -> Mount:
+    return Mount(mount_id, 1, "0:1", "/", path, ("rw",), fstype, source, ("rw",))
+
+
+async def test_a_mount_table_change_wakes_only_the_key_whose_mount_went(
+        world: World, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Of the connected keys, those whose mount went or was replaced are woken, and no
+    other: a key whose mount is still there is not looked at again."""
+    caplog.set_level(logging.INFO)
+    world.runner.expect(["mount", "-t", "xfs"], prefix=True)
+    keys = [world.manage(f"c{i}", PosixSpec(connection=f"/dev/vc-{i}", vfs_type="xfs"))
+            for i in range(3)]
+    await until(lambda: all(world.actual.get(k) and world.status(k).state == State.CONNECTED
+                            for k in keys), "connected")
+    paths = [world.status(k).path or "" for k in keys]
+    table = {p: _mount_at(p, f"/dev/vc-{i}", mount_id=100 + i) for i, p in enumerate(paths)}
+    world.rec.on_mounts(table)
+    await world.settle()
+    assert "VANISHED" not in caplog.text
+    world.changes.clear()
+
+    table = {**table, paths[2]: _mount_at(paths[2], "/dev/other", mount_id=200)}
+    del table[paths[0]]
+    connector = world.connectors[PosixSpec.TYPE]
+    looked_at: list[str] = []
+    present = connector.present
+
+    def counted(spec: PosixSpec) -> Connected | None:
+        looked_at.append(spec.connection)
+        return present(spec)
+
+    monkeypatch.setattr(connector, "present", counted)
+    world.rec.on_mounts(table)
+    assert sorted(looked_at) == ["/dev/vc-0", "/dev/vc-2"]
+    monkeypatch.undo()
+    # The mount at paths[2] was replaced by a foreign one: not its key's connection either.
+    vanished = {r.getMessage() for r in caplog.records if r.getMessage().startswith("VANISHED")}
+    assert vanished == {f"VANISHED key={keys[0]}", f"VANISHED key={keys[2]}"}
+    await until(lambda: {k for k, _, new in world.changes if new == State.FAILED}
+                == {str(keys[0]), str(keys[2])}, "both failed")
+    assert str(keys[1]) not in {k for k, _, _ in world.changes}

@@ -77,15 +77,16 @@ class Reconciler:
         """The mount table changed: wake every connected key whose mount is gone."""
         old = self.actual.mounts
         self.actual.set_mounts(mounts)
-        # Only a mount that went or was replaced can take a key's connection away; most
-        # changes are mounts that came (a thousand connects read the table a thousand times).
-        # A key connected since the last read may have lost its mount before this one saw it.
-        unseen, self._unseen = self._unseen, set()
-        if any((now := mounts.get(path)) is not mount and now != mount
-               for path, mount in old.items()):
-            self._wake_vanished()
-        else:
-            self._wake_vanished(unseen)
+        # Only a mount that went or was replaced can take a key's connection away, and only
+        # the key found at that path; most changes are mounts that came (a thousand connects
+        # read the table a thousand times). A key connected since the last read may have
+        # lost its mount before this one saw it.
+        keys, self._unseen = self._unseen, set()
+        for path, mount in old.items():
+            if (now := mounts.get(path)) is not mount and now != mount and \
+                    (key := self.actual.key_at(path)) is not None:
+                keys.add(key)
+        self._wake_vanished(keys)
 
     def on_devices(self) -> None:
         """A block device came or went: wake every connected key whose device is gone."""

@@ -228,6 +228,11 @@ class ActualState:
     _keys: dict[ConnectionKey, KeyStatus] = field(default_factory=dict)
     _listeners: list[Listener] = field(default_factory=list)
     host: HostState = field(default_factory=HostState)
+    _at: dict[str, ConnectionKey] = field(default_factory=dict)  # status path -> key
+
+    def key_at(self, path: str) -> ConnectionKey | None:
+        """The key whose connection was last found at `path`."""
+        return self._at.get(path)
 
     @property
     def mounts(self) -> dict[str, Mount]:
@@ -288,8 +293,11 @@ class ActualState:
             status.attempts = attempts
         if not isinstance(next_retry, Unset):
             status.next_retry = next_retry
-        if not isinstance(path, Unset):
+        if not isinstance(path, Unset) and path != status.path:
+            self._unindex(status)
             status.path = path
+            if path is not None:
+                self._at[path] = key
         if not isinstance(paths, Unset):
             status.paths = paths
         if not isinstance(last_check, Unset):
@@ -312,7 +320,12 @@ class ActualState:
     def remove(self, key: ConnectionKey, now: float) -> None:
         status = self._keys.pop(key, None)
         if status is not None:
+            self._unindex(status)
             self._emit(Change(key, status.state, None, None, now))
+
+    def _unindex(self, status: KeyStatus) -> None:
+        if status.path is not None and self._at.get(status.path) == status.key:
+            del self._at[status.path]
 
     def _emit(self, change: Change) -> None:
         for listener in list(self._listeners):
