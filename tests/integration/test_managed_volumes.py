@@ -51,10 +51,11 @@ class CountingRunner(CommandRunner):
         self.ops: list[str] = []
 
     async def run(self, argv: Sequence[Arg], *, timeout: float, input: bytes | None = None,
-                  check: bool = False, env: Any = None) -> Result:
+                  check: bool = False, env: Any = None, prepare: Any = None) -> Result:
         if input is not None:
             self.ops.append(json.loads(input)["op"])
-        return await super().run(argv, timeout=timeout, input=input, check=check, env=env)
+        return await super().run(argv, timeout=timeout, input=input, check=check, env=env,
+                                 prepare=prepare)
 
 
 def spec(volume: str, device: str, **extra: Any) -> ManagedSpec:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -94,6 +95,33 @@ async def test_env_is_added_to_the_daemon_environment_in_c_locale(runner: Comman
                               env={"FOO": "bar"})
     foo, lc_all, path = result.stdout.split()
     assert (foo, lc_all, path) == ("bar", "C", os.environ["PATH"])
+
+
+async def test_prepare_runs_in_the_starting_thread_just_before_the_command(
+        runner: CommandRunner, tmp_path: Path) -> None:
+    made = tmp_path / "a" / "b"
+    threads: list[str] = []
+
+    def prepare() -> None:
+        threads.append(threading.current_thread().name)
+        made.mkdir(parents=True)
+
+    result = await runner.run(["ls", "-d", str(made)], timeout=10, prepare=prepare)
+    assert (result.rc, result.stdout) == (0, f"{made}\n")
+    assert threads == ["vdsmconn-spawn"]  # not the loop's
+
+
+async def test_an_error_of_prepare_is_raised_as_it_was_and_nothing_runs(
+        runner: CommandRunner, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    marker = tmp_path / "ran"
+    with pytest.raises(NotADirectoryError):
+        await runner.run(["touch", str(marker)], timeout=10,
+                         prepare=lambda: os.makedirs(tmp_path / "file" / "dir"))
+    assert not marker.exists()
+    # A command that cannot be found is still told apart from it.
+    with pytest.raises(errors.BackendUnavailable):
+        await runner.run(["no-such-command-vc"], timeout=10, prepare=lambda: None)
 
 
 async def test_command_runs_in_its_own_session_and_group(runner: CommandRunner) -> None:

@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,8 @@ class HostRunner(FakeRunner):
         self.most = 0
 
     async def run(self, argv: Sequence[Arg], *, timeout: float, input: bytes | None = None,
-                  check: bool = False, env: Mapping[str, str] | None = None) -> Result:
+                  check: bool = False, env: Mapping[str, str] | None = None,
+                  prepare: Callable[[], object] | None = None) -> Result:
         args = [str(a) if not isinstance(a, Secret) else a.reveal() for a in argv]
         if "--login" in args:
             iface = args[args.index("-I") + 1]
@@ -69,7 +70,8 @@ class HostRunner(FakeRunner):
             return Result(tuple(args), rc, "", stderr if rc == 20 else "iscsiadm: auth\n", 0.01)
         if "--logout" in args:
             iface = args[args.index("-I") + 1]
-            result = await super().run(argv, timeout=timeout, input=input, check=check, env=env)
+            result = await super().run(argv, timeout=timeout, input=input, check=check, env=env,
+                                         prepare=prepare)
             if result.rc == 0:
                 for session in (self.sysfs / "class" / "iscsi_session").glob("session*"):
                     if (session / "ifacename").read_text().strip() == iface:
@@ -78,7 +80,8 @@ class HostRunner(FakeRunner):
                                 f.unlink()
                         session.joinpath("ifacename").write_text("gone\n")
             return result
-        return await super().run(argv, timeout=timeout, input=input, check=check, env=env)
+        return await super().run(argv, timeout=timeout, input=input, check=check, env=env,
+                                         prepare=prepare)
 
 
 async def connect(c: IscsiConnector, s: IscsiSpec) -> Connected:

@@ -144,6 +144,20 @@ def test_same_fstype(wanted: str | None, seen: str, same: bool) -> None:
     assert same_fstype(wanted, seen) is same
 
 
+async def test_a_mount_point_that_cannot_be_made_is_477_and_nothing_is_mounted(
+        host: Host) -> None:
+    host.runner.expect(["mount"], prefix=True)
+    root = Path(host.config.mount_root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    root.write_text("")  # the mount root is a file: no directory can be made in it
+    with pytest.raises(errors.MountError) as raised:
+        await host.posix.connect(PosixSpec(connection="/dev/vc-x", vfs_type="xfs"))
+    assert raised.value.code == 477
+    assert raised.value.message == (
+        f"cannot create the mount point {root}/_dev_vc-x: Not a directory")
+    assert host.runner.argvs == []
+
+
 # --- deadlines are 480 -----------------------------------------------------------------------
 
 

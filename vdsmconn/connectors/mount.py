@@ -9,7 +9,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from vdsmconn import errors
 from vdsmconn.connectors.base import Connected, Connector, QuickCheck, StepLog
@@ -102,24 +102,31 @@ class MountConnector(Connector[MountSpec]):
             if self.is_mount_of(m, spec):
                 return Connected(path=path)
             raise self._conflict(m, spec)
-        await asyncio.to_thread(os.makedirs, path, 0o755, True)
-        await self._mount(spec, path)
+        try:
+            await self._mount(spec, path, prepare=functools.partial(os.makedirs, path, 0o755, True))
+        except OSError as e:  # only the mount point's creation raises it
+            raise errors.MountError(f"cannot create the mount point {path}: {e.strerror}",
+                                    {"path": path}) from None
         return Connected(path=path)
 
     async def extra_options(self, spec: MountSpec) -> tuple[str, ...]:
         """Options computed at mount time, put before the spec's own (gluster: backups)."""
         return ()
 
-    async def _mount(self, spec: MountSpec, path: str, extra: tuple[str, ...] = ()) -> None:
+    async def _mount(self, spec: MountSpec, path: str, extra: tuple[str, ...] = (),
+                     prepare: Callable[[], object] | None = None) -> None:
+        """`prepare`: run just before mount(8) starts, in the thread that starts it."""
         timeout = self.host.settings.command_timeout
         argv = self.mount_argv(spec, path, (*await self.extra_options(spec), *extra))
         if self.is_fuse(spec) and scope.unavailable() is None:
+            if prepare is not None:
+                await asyncio.to_thread(prepare)
             result = await scope.run_in_scope(
                 self.host.runner, argv, unit=scope.unit_name(path),
                 slice_=self.host.settings.scope_slice,
                 description=f"vdsmconn mount of {spec.connection} on {path}", timeout=timeout)
         else:
-            result = await self.host.runner.run(argv, timeout=timeout)
+            result = await self.host.runner.run(argv, timeout=timeout, prepare=prepare)
         if result.rc != 0:
             raise errors.MountError(
                 f"mount of {spec.connection} failed: {_tail(result.stderr)}",

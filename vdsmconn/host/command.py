@@ -74,6 +74,8 @@ class _Child:
     argv: list[str]
     env: dict[str, str]
     input: bytes | None
+    prepare: Callable[[], object] | None = None
+    unprepared: OSError | None = None  # what `prepare` raised
     started: concurrent.futures.Future[int] = field(default_factory=concurrent.futures.Future)
     done: concurrent.futures.Future[tuple[int, bytes, bytes]] = field(
         default_factory=concurrent.futures.Future)
@@ -84,6 +86,13 @@ class _Child:
         """In a spawner thread: start the child, then collect its output and status."""
         self.started.set_running_or_notify_cancel()  # neither can be cancelled from now on
         self.done.set_running_or_notify_cancel()
+        if self.prepare is not None:
+            try:
+                self.prepare()
+            except OSError as exc:
+                self.unprepared = exc
+                self.started.set_exception(exc)
+                return
         try:
             proc = subprocess.Popen(
                 self.argv, env=self.env, start_new_session=True, stdout=subprocess.PIPE,
@@ -297,13 +306,17 @@ class CommandRunner:
         input: bytes | None = None,
         check: bool = False,
         env: Mapping[str, str] | None = None,
+        prepare: Callable[[], object] | None = None,
     ) -> Result:
+        """`prepare` runs in the thread that starts the command, just before (creating its
+        mount point, say: one hand-off for both); an `OSError` it raises is raised here as
+        it was, and the command is not started."""
         if not argv:
             raise ValueError("empty argv")
         shown = mask_argv(argv)
         secrets = secret_values(argv)
         start = time.monotonic()
-        child = await self._spawn(argv, shown, input, env)
+        child = await self._spawn(argv, shown, input, env, prepare)
         done = asyncio.wrap_future(child.done)
         try:
             async with asyncio.timeout(timeout):
@@ -340,8 +353,10 @@ class CommandRunner:
         shown: tuple[str, ...],
         input: bytes | None,
         env: Mapping[str, str] | None,
+        prepare: Callable[[], object] | None,
     ) -> _Child:
-        child = _Child(reveal_argv(argv), {**os.environ, "LC_ALL": "C", **(env or {})}, input)
+        child = _Child(reveal_argv(argv), {**os.environ, "LC_ALL": "C", **(env or {})}, input,
+                       prepare)
         _SPAWNER.submit(child.run)
         started = asyncio.wrap_future(child.started)
         try:
@@ -349,10 +364,12 @@ class CommandRunner:
         except asyncio.CancelledError:  # the child may be starting: it is killed once it is
             started.add_done_callback(lambda _: self._kill_started(child, shown))
             raise
-        except FileNotFoundError:
-            log.warning("RUN argv=%s not found", show(shown))
-            raise errors.BackendUnavailable(f"Command not found: {shown[0]}") from None
         except OSError as e:
+            if e is child.unprepared:
+                raise
+            if isinstance(e, FileNotFoundError):
+                log.warning("RUN argv=%s not found", show(shown))
+                raise errors.BackendUnavailable(f"Command not found: {shown[0]}") from None
             log.warning("RUN argv=%s cannot start: %s", show(shown), e.strerror)
             raise errors.GeneralError(f"Cannot run {shown[0]}: {e.strerror}") from None
         return child

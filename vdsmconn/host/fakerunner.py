@@ -18,7 +18,7 @@ finishes when the test calls `release()`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from vdsmconn.host.command import (
@@ -109,7 +109,10 @@ class FakeRunner(CommandRunner):
         input: bytes | None = None,
         check: bool = False,
         env: Mapping[str, str] | None = None,
+        prepare: Callable[[], object] | None = None,
     ) -> Result:
+        if prepare is not None:
+            prepare()  # a test's local directory; what it raises, nothing runs after
         revealed = tuple(reveal_argv(argv))
         shown = mask_argv(argv)
         self.calls.append(Call(revealed, timeout, input, env))
