@@ -144,12 +144,16 @@ def test_same_fstype(wanted: str | None, seen: str, same: bool) -> None:
     assert same_fstype(wanted, seen) is same
 
 
+def a_file_at(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("")
+
+
 async def test_a_mount_point_that_cannot_be_made_is_477_and_nothing_is_mounted(
         host: Host) -> None:
     host.runner.expect(["mount"], prefix=True)
     root = Path(host.config.mount_root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    root.write_text("")  # the mount root is a file: no directory can be made in it
+    a_file_at(root)  # the mount root is a file: no directory can be made in it
     with pytest.raises(errors.MountError) as raised:
         await host.posix.connect(PosixSpec(connection="/dev/vc-x", vfs_type="xfs"))
     assert raised.value.code == 477
