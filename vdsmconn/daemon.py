@@ -17,7 +17,6 @@ from vdsmconn.connectors.iscsi import IscsiConnector
 from vdsmconn.connectors.managed import ManagedConnector
 from vdsmconn.connectors.mount import read_mounts
 from vdsmconn.host.command import CommandRunner
-from vdsmconn.host.mountinfo import Mount
 from vdsmconn.model import ConnectionKey, ConnectionSpec
 from vdsmconn.monitors import netlink, udev
 from vdsmconn.monitors.mountinfo import MountinfoWatcher
@@ -107,7 +106,8 @@ class Daemon:
                      len(desired), len(desired.all_keys()), cfg.mount_root)
             reconciler.start(mounts, await self.load_teardowns(store, desired))
             async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(watcher.run(lambda ms: reconciler.on_mounts(_by_path(ms))))
+                tasks.create_task(watcher.run(
+                    lambda _: reconciler.on_mounts(watcher.table.mounts())))
                 iscsi = table["iscsi"]
                 if isinstance(iscsi, IscsiConnector) and (why := netlink.available()) is None:
                     def on_link(event: netlink.LinkEvent) -> None:
@@ -180,10 +180,6 @@ class Daemon:
 
 class _Stop(Exception):
     """Ends the daemon's task group on a stop signal."""
-
-
-def _by_path(mounts: list[Mount]) -> dict[str, Mount]:
-    return {m.mountpoint: m for m in mounts}
 
 
 def setup_logging(level: str) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
+import select
 from pathlib import Path
 
 import pytest
@@ -187,3 +190,45 @@ def test_parser_of_successive_reads_agrees_with_parse() -> None:
     assert all(a is b for a, b in zip(first, second[:len(first)], strict=True))
     shrunk = "\n".join(CAPTURED.splitlines()[1:])
     assert parser.parse(shrunk.encode()) == parse(shrunk)
+
+
+def _mount_syscall(source: str, target: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(source.encode(), target.encode(), b"tmpfs", 0, None) != 0:
+        raise OSError(ctypes.get_errno(), f"mount {target}")
+
+
+def _umount_syscall(target: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(target.encode(), 0) != 0:
+        raise OSError(ctypes.get_errno(), f"umount {target}")
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting tmpfs needs root")
+def test_table_is_read_again_only_after_a_change_and_never_answers_from_before_it(
+        tmp_path: Path) -> None:
+    """Real mounts, made and removed by the syscalls themselves (no mount(8) in between):
+    right after each, the table answers what the kernel has; while nothing changes, it
+    answers from its last read. A poll of another open file (the watcher's) does not hide
+    a change from it."""
+    table = mountinfo.Table()
+    target = str(tmp_path)
+    whole = table.mounts()
+    assert table.reads == 1 and target not in whole
+    assert table.mounts() is whole and table.at(target) is None and table.reads == 1
+    with open(mountinfo.PATH, "rb") as other:
+        watcher = select.poll()
+        watcher.register(other.fileno(), select.POLLPRI)
+        _mount_syscall("vc-table", target)
+        try:
+            assert watcher.poll(0)  # the other file's flag, taken
+            found = table.at(target)  # read raw, one path parsed: no whole read
+            assert found is not None and found.source == "vc-table" and table.reads == 1
+            now = table.mounts()
+            assert now is not whole and now[target] == found and table.reads == 2
+            assert table.listing() == mountinfo.read() and table.reads == 2
+        finally:
+            _umount_syscall(target)
+    assert table.at(target) is None
+    assert target not in table.mounts() and table.reads == 3

@@ -34,12 +34,12 @@ def _check_mountpoint(path: str) -> None:
     os.stat(path)
 
 
-async def read_mounts(parser: mountinfo.Parser | None = None) -> dict[str, mountinfo.Mount]:
-    """The mount table now (`parser`: one that parsed earlier reads, for reading it often).
-    Read on the loop: /proc/self/mountinfo never blocks, not even on a hung mount, and a
-    thread hop costs more than the read (docs/performance.md). What is at one path now:
+async def read_mounts() -> dict[str, mountinfo.Mount]:
+    """The mount table now (read again only if it changed since it was last read). Read on
+    the loop: /proc/self/mountinfo never blocks, not even on a hung mount, and a thread hop
+    costs more than the read (docs/performance.md). What is at one path now:
     `mountinfo.mounted_at`, also on the loop."""
-    return {m.mountpoint: m for m in mountinfo.read(parser=parser)}
+    return mountinfo.table().mounts()
 
 
 class MountConnector(Connector[MountSpec]):

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import re
+import select
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -142,11 +144,17 @@ def escape(path: str) -> str:
 
 
 def mounted_at(mountpoint: str, path: str = PATH) -> Mount | None:
-    """The mount on top at `mountpoint` now, or None. Reads the table but parses only the
-    lines that name it: a connect or an unmount asks this of one path while a thousand
-    others are mounted."""
+    """The mount on top at `mountpoint` now, or None: from the table as last read while it
+    has not changed since (this process's table, `table()`), else read, parsing only the
+    lines that name it (a connect or an unmount asks this of one path while a thousand
+    others are mounted)."""
+    if path == PATH:
+        return table().at(mountpoint)
     with open(path, "rb") as f:
-        raw = f.read()
+        return _find(f.read(), mountpoint)
+
+
+def _find(raw: bytes, mountpoint: str) -> Mount | None:
     needle = f" {escape(mountpoint)}".encode("utf-8", errors="surrogateescape")
     found: Mount | None = None
     start = raw.find(needle)
@@ -162,6 +170,74 @@ def mounted_at(mountpoint: str, path: str = PATH) -> Mount | None:
                 found = mount  # the last one is on top
         start = raw.find(needle, end)
     return found
+
+
+class Table:
+    """The mount table, read again only once it changed: the kernel flags every change of
+    the namespace's table on each open mountinfo file (`POLLPRI`), so a table read after
+    the last flag seen on this file is still the table now. The file is this object's own:
+    the flag is seen by no other poll (the watcher polls a file of its own)."""
+
+    def __init__(self, path: str = PATH) -> None:
+        self.path = path
+        self.reads = 0  # whole reads (for tests)
+        self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - lives with the object
+        self._poll = select.poll()
+        self._poll.register(self._file.fileno(), select.POLLPRI)
+        self._parser = Parser()
+        self._mounts: list[Mount] = []
+        self._by_path: dict[str, Mount] | None = None  # None: changed since the last read
+        self._lock = threading.Lock()
+
+    def _current(self) -> dict[str, Mount] | None:
+        """The table as last read if it has not changed since, else None."""
+        if self._poll.poll(0):  # takes the flag: a change after this is flagged anew
+            self._by_path = None
+        return self._by_path
+
+    def _read(self) -> dict[str, Mount]:
+        self._poll.poll(0)
+        self._file.seek(0)
+        self._mounts = self._parser.parse(self._file.read())
+        self._by_path = {m.mountpoint: m for m in self._mounts}  # the last one is on top
+        self.reads += 1
+        return self._by_path
+
+    def listing(self) -> list[Mount]:
+        """Every mount, in the kernel's order."""
+        with self._lock:
+            if self._current() is None:
+                self._read()
+            return self._mounts
+
+    def mounts(self) -> dict[str, Mount]:
+        """The mount on top at each mount point. The same object while nothing changed:
+        callers must not change it."""
+        with self._lock:
+            current = self._current()
+            return self._read() if current is None else current
+
+    def at(self, mountpoint: str) -> Mount | None:
+        """The mount on top at `mountpoint` (after a change, parsing only its lines)."""
+        with self._lock:
+            current = self._current()
+            if current is None:
+                self._file.seek(0)
+                return _find(self._file.read(), mountpoint)
+            return current.get(mountpoint)
+
+
+_table: Table | None = None
+_table_lock = threading.Lock()
+
+
+def table() -> Table:
+    """This process's mount table (the namespace's; opened at first use)."""
+    global _table
+    with _table_lock:
+        if _table is None:
+            _table = Table()
+        return _table
 
 
 def normalized_source(m: Mount) -> str:

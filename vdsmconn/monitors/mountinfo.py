@@ -23,7 +23,6 @@ import asyncio
 import logging
 import select
 from collections.abc import Callable
-from typing import BinaryIO
 
 from vdsmconn.host import mountinfo
 from vdsmconn.host.mountinfo import Mount
@@ -39,20 +38,21 @@ class MountinfoWatcher:
         self.debounce = debounce
         self.wakes = 0  # kernel notifications seen (for metrics and tests)
         self.reads = 0  # times the table was read
-        self._parser = mountinfo.Parser()
+        # Read through this process's table, which others then need not read again.
+        self.table = mountinfo.table() if path == mountinfo.PATH else mountinfo.Table(path)
 
     async def run(self, on_change: Callable[[list[Mount]], None]) -> None:
         loop = asyncio.get_running_loop()
         changed = asyncio.Event()
         # Opening the file records the namespace's event count: any change after this line
         # is reported by the poll, so the first read below cannot miss one.
-        table = open(self.path, "rb", buffering=0)  # noqa: ASYNC230, SIM115 - procfs: never blocks
-        with table, select.epoll() as ep:
-            ep.register(table.fileno(), select.EPOLLPRI | select.EPOLLERR)
+        flagged = open(self.path, "rb", buffering=0)  # noqa: ASYNC230, SIM115 - procfs: never blocks
+        with flagged, select.epoll() as ep:
+            ep.register(flagged.fileno(), select.EPOLLPRI | select.EPOLLERR)
             loop.add_reader(ep.fileno(), self._on_wake, ep, changed)
             log.debug("MOUNTINFO watching %s debounce=%gs", self.path, self.debounce)
             try:
-                on_change(self._read(table))
+                on_change(self._read())
                 last = loop.time()
                 while True:
                     await changed.wait()
@@ -65,7 +65,7 @@ class MountinfoWatcher:
                     last = loop.time()
                     # Reported even when it equals the last table: a mount and its umount
                     # between two reads are a change its owner must hear of.
-                    on_change(self._read(table))
+                    on_change(self._read())
             finally:
                 loop.remove_reader(ep.fileno())
                 log.debug("MOUNTINFO stopped watching %s", self.path)
@@ -78,7 +78,6 @@ class MountinfoWatcher:
         self.wakes += 1
         changed.set()
 
-    def _read(self, table: BinaryIO) -> list[Mount]:
-        table.seek(0)
+    def _read(self) -> list[Mount]:
         self.reads += 1
-        return self._parser.parse(table.read())
+        return self.table.listing()

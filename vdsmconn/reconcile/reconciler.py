@@ -12,7 +12,6 @@ from vdsmconn.clock import Clock
 from vdsmconn.config import Config
 from vdsmconn.connectors.base import Connector
 from vdsmconn.connectors.mount import read_mounts
-from vdsmconn.host import mountinfo
 from vdsmconn.host.mountinfo import Mount
 from vdsmconn.model import ConnectionKey, ConnectionSpec, State
 from vdsmconn.reconcile.limits import Limits
@@ -43,7 +42,6 @@ class Reconciler:
         self.sweep = Sweep(clock, sup.probe_interval)
         self._supervisors: dict[ConnectionKey, Supervisor] = {}
         self._unseen: set[ConnectionKey] = set()  # connected since the last table read
-        self._parser = mountinfo.Parser()  # for reads of the whole table (lists, probes)
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         # Told when a key's real connection is gone (the service drops its teardown record).
@@ -112,7 +110,7 @@ class Reconciler:
 
     async def refresh_mounts(self, notify: bool = True) -> bool:
         """Read the mount table now (the watcher's copy may trail the host)."""
-        mounts = await read_mounts(self._parser)
+        mounts = await read_mounts()
         if notify:
             self.on_mounts(mounts)
         else:
