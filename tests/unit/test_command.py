@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import sys
 import threading
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ import pytest
 
 from tests.wait import eventually as until
 from vdsmconn import errors
+from vdsmconn.host import command
 from vdsmconn.host.command import CommandRunner, StuckCommand, mask_argv
 from vdsmconn.host.fakerunner import FakeRunner, UnexpectedCommand
 from vdsmconn.model import MASK, Secret
@@ -122,6 +124,42 @@ async def test_an_error_of_prepare_is_raised_as_it_was_and_nothing_runs(
     # A command that cannot be found is still told apart from it.
     with pytest.raises(errors.BackendUnavailable):
         await runner.run(["no-such-command-vc"], timeout=10, prepare=lambda: None)
+
+
+async def test_the_child_has_no_descriptor_of_the_daemon_but_0_1_2(
+        runner: CommandRunner) -> None:
+    given = os.open(os.devnull, os.O_RDONLY)
+    os.set_inheritable(given, True)  # as one this process was given when it started
+    command.close_on_exec_all()  # what the runner does before its first command
+    r, w = os.pipe()  # as every descriptor the daemon opens: not inheritable
+    try:
+        code = ("import os\nfor fd in range(256):\n"
+                "    try: os.fstat(fd)\n    except OSError: continue\n    print(fd)")
+        result = await runner.run([sys.executable, "-c", code], timeout=30)
+    finally:
+        for fd in (given, r, w):
+            os.close(fd)
+    assert result.stdout.split() == ["0", "1", "2"]
+
+
+async def test_the_child_has_default_signals_and_none_blocked(runner: CommandRunner) -> None:
+    """Python ignores SIGPIPE and SIGXFSZ; a child gets them back at their defaults."""
+    result = await runner.run(["cat", "/proc/self/status"], timeout=10)
+    fields = dict(line.split(":\t", 1) for line in result.stdout.splitlines() if ":\t" in line)
+    ignored, blocked = int(fields["SigIgn"], 16), int(fields["SigBlk"], 16)
+    assert not ignored & (1 << (signal.SIGPIPE - 1) | 1 << (signal.SIGXFSZ - 1))
+    assert blocked == 0
+
+
+async def test_a_path_given_in_env_is_searched(runner: CommandRunner, tmp_path: Path) -> None:
+    tool = tmp_path / "vc-only-here"
+    tool.write_text("#!/bin/sh\necho found\n")
+    tool.chmod(0o755)
+    result = await runner.run(["vc-only-here"], timeout=10,
+                              env={"PATH": f"{tmp_path}:/usr/bin:/bin"})
+    assert (result.rc, result.stdout) == (0, "found\n")
+    with pytest.raises(errors.BackendUnavailable):
+        await runner.run(["vc-only-here"], timeout=10)
 
 
 async def test_command_runs_in_its_own_session_and_group(runner: CommandRunner) -> None:

@@ -5,8 +5,11 @@ is given, stdout and stderr captured. On its deadline the whole group gets SIGKI
 that is reaped within the grace period raises `errors.Timeout`, one that is not (a member in
 uninterruptible sleep) raises `StuckCommand`, whose `reaped` task finishes when the process
 finally exits. The runner owns those tasks; `close()` cancels them. Children are started and
-waited for in a few reused daemon threads (fork/exec and the wait block; asyncio's subprocess
+waited for in a few reused daemon threads (the start and the wait block; asyncio's subprocess
 transport spent ~1.5 ms of loop time per child), the deadline and the kill stay on the loop.
+A spawner thread starts a child with libc's posix_spawn and lets go of the GIL only where it
+waits: for the child's exec, and in poll (each time it takes the GIL back it waits behind
+the event loop; subprocess.Popen did so some thirty times per child).
 
 Secrets never leave the runner: `model.Secret` items are revealed only for exec, and items
 (or comma-separated parts of items) shaped `name=value`, and the value after `--name` or after
@@ -20,13 +23,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ctypes
+import errno
+import fcntl
+import functools
 import logging
 import os
 import queue
-import selectors
+import select
 import shlex
+import shutil
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -68,8 +75,8 @@ class StuckCommand(errors.CommandStuck):
 
 @dataclass
 class _Child:
-    """One command, started and waited for in a spawner thread: fork/exec and the wait are
-    blocking calls, and asyncio's subprocess transport cost the loop ~1.5 ms per child."""
+    """One command, started and waited for in a spawner thread: the start and the wait
+    block, and asyncio's subprocess transport cost the loop ~1.5 ms per child."""
 
     argv: list[str]
     env: dict[str, str]
@@ -94,80 +101,245 @@ class _Child:
                 self.started.set_exception(exc)
                 return
         try:
-            proc = subprocess.Popen(
-                self.argv, env=self.env, start_new_session=True, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                stdin=subprocess.DEVNULL if self.input is None else subprocess.PIPE,
-            )
+            pid, stdin, stdout, stderr = _start(self.argv, self.env, self.input is not None)
         except BaseException as exc:
             self.started.set_exception(exc)
             return
-        self.started.set_result(proc.pid)
+        self.started.set_result(pid)
         try:
-            out, err = self._collect(proc)
-            self.done.set_result((proc.wait(), out, err))
+            out, err = self._collect(pid, stdin, stdout, stderr)
+            self.done.set_result((_reaped(pid), out, err))
         except BaseException as exc:  # the pipes or the pidfd failed: still reap it
-            proc.wait()
+            os.waitpid(pid, 0)
             self.done.set_exception(exc)
 
-    def _collect(self, proc: subprocess.Popen[bytes]) -> tuple[bytes, bytes]:
+    def _collect(self, pid: int, stdin: int | None, stdout: int,
+                 stderr: int) -> tuple[bytes, bytes]:
         """stdout and stderr until the process has exited and the pipes are at their end;
         once it was killed, until it has exited (a descendant that left the group may hold
-        the pipes open)."""
-        assert proc.stdout is not None and proc.stderr is not None
-        chunks: dict[int, list[bytes]] = {proc.stdout.fileno(): [], proc.stderr.fileno(): []}
-        # (a dict keeps the order: stdout, then stderr)
+        the pipes open). Closes the three pipes. Only the poll lets go of the GIL."""
+        chunks: dict[int, list[bytes]] = {stdout: [], stderr: []}
         pending = memoryview(self.input or b"")
-        pidfd = os.pidfd_open(proc.pid)
+        buffer = ctypes.create_string_buffer(65536)
+        pidfd = _pidfd_open(pid)
         try:
-            with selectors.DefaultSelector() as selector:
-                selector.register(pidfd, selectors.EVENT_READ)
-                for fd in chunks:
-                    os.set_blocking(fd, False)
-                    selector.register(fd, selectors.EVENT_READ)
-                if proc.stdin is not None:
-                    os.set_blocking(proc.stdin.fileno(), False)
-                    selector.register(proc.stdin.fileno(), selectors.EVENT_WRITE)
-                exited = False
-                readers = set(chunks)
-                while readers and not (exited and self.killed.is_set()):
-                    for key, _ in selector.select(0.1 if exited else None):
-                        if key.fd == pidfd:
-                            exited = True
-                            selector.unregister(pidfd)
-                        elif key.fd in chunks:
-                            data = os.read(key.fd, 65536)
-                            if data:
-                                chunks[key.fd].append(data)
-                            else:
-                                readers.discard(key.fd)
-                                selector.unregister(key.fd)
+            poll = select.poll()  # no descriptor of its own, unlike an epoll
+            poll.register(pidfd, select.POLLIN)
+            for fd in chunks:
+                poll.register(fd, select.POLLIN)
+            if stdin is not None:
+                os.set_blocking(stdin, False)
+                poll.register(stdin, select.POLLOUT)
+            exited = False
+            readers = set(chunks)
+            while (readers or not exited) and not (exited and self.killed.is_set()):
+                for fd, _ in poll.poll(100 if exited else None):
+                    if fd == pidfd:
+                        exited = True
+                        poll.unregister(pidfd)
+                    elif fd in chunks:
+                        data = _read(fd, buffer)
+                        if data is None:
+                            continue
+                        if data:
+                            chunks[fd].append(data)
                         else:
-                            pending = _feed(selector, key.fd, pending, proc)
+                            readers.discard(fd)
+                            poll.unregister(fd)
+                    elif stdin is not None:
+                        pending = _feed(stdin, pending)
+                        if not pending:
+                            poll.unregister(stdin)
+                            _LIBC.close(stdin)
+                            stdin = None
         finally:
-            os.close(pidfd)
-            for pipe in (proc.stdin, proc.stdout, proc.stderr):
-                if pipe is not None:
-                    with contextlib.suppress(OSError):
-                        pipe.close()
+            for fd in (pidfd, stdout, stderr) if stdin is None else (pidfd, stdin, stdout, stderr):
+                _LIBC.close(fd)
         out, err = chunks.values()
         return b"".join(out), b"".join(err)
 
 
-def _feed(selector: selectors.BaseSelector, fd: int, pending: memoryview,
-          proc: subprocess.Popen[bytes]) -> memoryview:
-    """Write what stdin takes of `pending`; close it when all is written (or unwanted)."""
+def _start(argv: list[str], env: dict[str, str],
+           stdin: bool) -> tuple[int, int | None, int, int]:
+    """Start `argv` in a session of its own with pipes for stdout and stderr (and stdin if
+    asked; /dev/null otherwise): (pid, stdin, stdout, stderr), our ends.
+
+    libc's posix_spawn through ctypes, which lets go of the GIL for the call: the calling
+    thread waits there until the child has exec'd, which on a busy host is a scheduler slice
+    or more, and os.posix_spawn (like subprocess.Popen) held the GIL all that time, stopping
+    the event loop with it. The child's only descriptors are 0, 1 and 2 (every other
+    descriptor of this process is close-on-exec: Python's own, PEP 446, and those it was
+    given, `close_on_exec_all`). It gets SIGPIPE and SIGXFSZ (which Python ignores) back at
+    their defaults, and no signal blocked, as subprocess.Popen gave it."""
+    ends: list[int] = []  # the child's, closed here once it has them
+    ours: list[int] = []
+    actions = _FileActions()
     try:
-        pending = pending[os.write(fd, pending):] if pending else pending
-    except (BrokenPipeError, BlockingIOError) as exc:
-        if isinstance(exc, BlockingIOError):
-            return pending
-        pending = pending[:0]
-    if not pending:
-        selector.unregister(fd)
-        assert proc.stdin is not None
-        proc.stdin.close()
-    return pending
+        stdin_ours: int | None = None
+        if stdin:
+            child_in, stdin_ours = _pipe()
+            ends.append(child_in)
+            ours.append(stdin_ours)
+            actions.dup2(child_in, 0)
+        else:
+            actions.open_null(0)
+        stdout, child_out = _pipe(nonblocking=True)
+        stderr, child_err = _pipe(nonblocking=True)
+        ours += [stdout, stderr]
+        ends += [child_out, child_err]
+        actions.dup2(child_out, 1)
+        actions.dup2(child_err, 2)
+        executable, search = argv[0], True
+        if "/" not in executable and env.get("PATH") != os.environ.get("PATH"):
+            # posix_spawnp searches the daemon's PATH; a PATH of the command's own is
+            # searched here.
+            executable = shutil.which(executable, path=env.get("PATH")) or executable
+            search = False
+        pid = _spawn(executable, argv, env, actions, search)
+    except BaseException:
+        for fd in ours:
+            _LIBC.close(fd)
+        raise
+    finally:
+        actions.destroy()
+        for fd in ends:
+            _LIBC.close(fd)
+    return pid, stdin_ours, stdout, stderr
+
+
+# Calls that return at once keep the GIL (PyDLL): giving it up and waiting for it again
+# behind a busy event loop costs far more than the call. posix_spawn lets go (CDLL).
+_LIBC = ctypes.PyDLL(None, use_errno=True)
+_LIBC_WAITING = ctypes.CDLL(None, use_errno=True)
+_SYS_PIDFD_OPEN = 434  # the same number on every architecture Linux has
+
+
+def _pipe(nonblocking: bool = False) -> tuple[int, int]:
+    """A close-on-exec pipe: (read end, write end); `nonblocking`: the read end (ours: a
+    read that would wait must never hold the GIL)."""
+    ends = (ctypes.c_int * 2)()
+    if _LIBC.pipe2(ends, os.O_CLOEXEC) != 0:
+        raise _errno("pipe2")
+    if nonblocking and _LIBC.fcntl(ends[0], fcntl.F_SETFL, os.O_NONBLOCK) != 0:
+        error = _errno("fcntl")
+        _LIBC.close(ends[0])
+        _LIBC.close(ends[1])
+        raise error
+    return ends[0], ends[1]
+
+
+def _pidfd_open(pid: int) -> int:
+    fd: int = _LIBC.syscall(_SYS_PIDFD_OPEN, pid, 0)
+    if fd < 0:
+        raise _errno("pidfd_open")
+    return fd
+
+
+def _read(fd: int, buffer: ctypes.Array[ctypes.c_char]) -> bytes | None:
+    """What a readable pipe holds (b"" at its end; None: nothing after all)."""
+    n: int = _LIBC.read(fd, buffer, len(buffer))
+    if n < 0:
+        if ctypes.get_errno() in (errno.EAGAIN, errno.EINTR):
+            return None
+        raise _errno("read")
+    return ctypes.string_at(buffer, n)
+
+
+def _reaped(pid: int) -> int:
+    """The exit status of `pid`, which has exited (its pidfd said so), or minus the signal
+    that killed it."""
+    status = ctypes.c_int()
+    if _LIBC.waitpid(pid, ctypes.byref(status), os.WNOHANG) != pid:
+        raise _errno("waitpid")
+    return os.waitstatus_to_exitcode(status.value)
+
+
+def _errno(what: str) -> OSError:
+    err = ctypes.get_errno()
+    return OSError(err, f"{what}: {os.strerror(err)}")
+
+
+# glibc's (and musl's) posix_spawnattr flags: the os module names only the file actions.
+_SETSIGDEF, _SETSIGMASK, _SETSID = 0x04, 0x08, 0x80
+_OPAQUE = 1024  # bytes, more than glibc's posix_spawnattr_t (336), file actions (80), sigset_t
+
+
+def _ok(rc: int, what: str) -> None:
+    if rc != 0:
+        raise OSError(rc, f"{what}: {os.strerror(rc)}")
+
+
+class _FileActions:
+    """A posix_spawn_file_actions_t."""
+
+    def __init__(self) -> None:
+        self.buffer = ctypes.create_string_buffer(_OPAQUE)
+        _ok(_LIBC.posix_spawn_file_actions_init(self.buffer), "posix_spawn_file_actions_init")
+
+    def dup2(self, fd: int, target: int) -> None:
+        _ok(_LIBC.posix_spawn_file_actions_adddup2(self.buffer, fd, target),
+            "posix_spawn_file_actions_adddup2")
+
+    def open_null(self, target: int) -> None:
+        _ok(_LIBC.posix_spawn_file_actions_addopen(self.buffer, target, os.devnull.encode(),
+                                                   os.O_RDONLY, 0),
+            "posix_spawn_file_actions_addopen")
+
+    def destroy(self) -> None:
+        _LIBC.posix_spawn_file_actions_destroy(self.buffer)
+
+
+@functools.cache
+def _attributes() -> ctypes.Array[ctypes.c_char]:
+    """The spawn attributes every child gets (made once, only read by posix_spawn)."""
+    attr = ctypes.create_string_buffer(_OPAQUE)
+    _ok(_LIBC.posix_spawnattr_init(attr), "posix_spawnattr_init")
+    defaults, none = ctypes.create_string_buffer(_OPAQUE), ctypes.create_string_buffer(_OPAQUE)
+    _LIBC.sigemptyset(defaults)
+    _LIBC.sigemptyset(none)
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        _LIBC.sigaddset(defaults, int(sig))
+    _ok(_LIBC.posix_spawnattr_setsigdefault(attr, defaults), "posix_spawnattr_setsigdefault")
+    _ok(_LIBC.posix_spawnattr_setsigmask(attr, none), "posix_spawnattr_setsigmask")
+    _ok(_LIBC.posix_spawnattr_setflags(attr, ctypes.c_short(_SETSID | _SETSIGDEF | _SETSIGMASK)),
+        "posix_spawnattr_setflags")
+    return attr
+
+
+def _strings(items: list[bytes]) -> ctypes.Array[ctypes.c_char_p]:
+    return (ctypes.c_char_p * (len(items) + 1))(*items, None)
+
+
+def _spawn(executable: str, argv: list[str], env: dict[str, str], actions: _FileActions,
+           search: bool) -> int:
+    """posix_spawn(p): the child's pid; an OSError (FileNotFoundError...) if it cannot run."""
+    pid = ctypes.c_int()
+    call = _LIBC_WAITING.posix_spawnp if search else _LIBC_WAITING.posix_spawn
+    rc = call(ctypes.byref(pid), os.fsencode(executable), actions.buffer, _attributes(),
+              _strings([os.fsencode(a) for a in argv]),
+              _strings([os.fsencode(f"{k}={v}") for k, v in env.items()]))
+    if rc != 0:
+        raise OSError(rc, os.strerror(rc), executable)
+    return pid.value
+
+
+def close_on_exec_all() -> None:
+    """Make every descriptor above 2 close-on-exec: those this process was given when it
+    started (Python's own are from the start, PEP 446), so that no child gets them."""
+    for name in os.listdir("/proc/self/fd"):
+        if int(name) > 2:
+            with contextlib.suppress(OSError):  # the listing's own, closed by now
+                os.set_inheritable(int(name), False)
+
+
+def _feed(fd: int, pending: memoryview) -> memoryview:
+    """Write what stdin takes of `pending` (all of it is dropped once nobody reads)."""
+    try:
+        return pending[os.write(fd, pending):] if pending else pending
+    except BlockingIOError:
+        return pending
+    except BrokenPipeError:
+        return pending[:0]
 
 
 class _Spawner:
@@ -177,8 +349,12 @@ class _Spawner:
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._idle = threading.Semaphore(0)
+        self._first = True
 
     def submit(self, job: Callable[[], None]) -> None:
+        if self._first:
+            self._first = False
+            close_on_exec_all()
         self._jobs.put(job)
         if not self._idle.acquire(timeout=0):
             threading.Thread(target=self._work, name="vdsmconn-spawn", daemon=True).start()
