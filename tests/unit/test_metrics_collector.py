@@ -131,6 +131,28 @@ def test_status_line_counts_states(
     assert m.status_line() == "supervising 2 connections: 1 connecting, 1 connected"
 
 
+def test_state_counts_agree_with_the_snapshot(
+    state: tuple[DesiredState, ActualState, metrics.Metrics],
+) -> None:
+    """Desired keys not seen yet count as connecting; a key still up after its last CID
+    went counts by its state; each key once."""
+    desired, actual, m = state
+    a, b, c, gone = spec("vc-a"), spec("vc-b"), spec("vc-c"), spec("vc-gone")
+    for cid, s in (("a", a), ("a2", a), ("b", b), ("c", c)):
+        desired.apply_put(cid, s)
+    actual.set_state(a.key, State.CONNECTED, 1.0)
+    actual.set_state(b.key, State.FAILED, 1.0)
+    actual.set_state(gone.key, State.DISCONNECTING, 1.0)
+    counts = m.state_counts()
+    expected = {str(st): 0 for st in State}
+    for _key, _type, status, refs in m.snapshot():
+        if refs or status is not None:
+            expected[str(status.state if status else State.CONNECTING)] += 1
+    assert counts == expected
+    assert (counts["connected"], counts["failed"], counts["disconnecting"],
+            counts["connecting"]) == (1, 1, 1, 1)
+
+
 class SlowConnector(Connector[MountSpec]):
     """connect waits until released; probe fails as a hung mount would."""
 
