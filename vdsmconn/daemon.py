@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -196,6 +197,15 @@ def setup_logging(level: str) -> None:
     )
 
 
+def tune_gc() -> None:
+    """Collect young objects after 10,000 net allocations, not 700. The daemon allocates
+    much and keeps little (requests, state changes): at the default, the bench's connect and
+    group-commit phases spent about a second in the collector, most of it in full
+    collections of 70 ms each (the whole state is the heap they walk); at 10,000, 0.15 s
+    and no full collection. Garbage in cycles waits a little longer for a collection."""
+    gc.set_threshold(10_000, 10, 10)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of vdsmconnd (also the source of its man page, vdsmconn.manpage)."""
     parser = argparse.ArgumentParser(prog="vdsmconnd", description="vdsmconn daemon")
@@ -228,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         print(config.dump(cfg), end="")
         return 0
     setup_logging(cfg.logging.level)
+    tune_gc()
     return asyncio.run(_main(cfg))
 
 
