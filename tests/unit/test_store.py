@@ -144,6 +144,26 @@ async def test_failed_call_fails_only_itself_in_a_group(store: Store) -> None:
     assert max(store.group_sizes) > 1
 
 
+async def test_a_group_of_puts_is_one_statement_and_keeps_their_order(store: Store) -> None:
+    """Calls that only put are upserted by one INSERT, its own transaction: a CID put by
+    two calls of the group ends as the later one; a row SQLite refuses (NOT NULL) fails
+    only its own call."""
+    with write_locked(store.path):
+        tasks = [asyncio.create_task(store.commit([put(cid, n=n)]))
+                 for n, cid in enumerate(["a", "b", "a", "c"])]
+        bad = Put("bad", None, {})  # type: ignore[arg-type]
+        tasks.append(asyncio.create_task(store.commit([bad])))
+        tasks.append(asyncio.create_task(store.commit([put("d")])))
+        await asyncio.sleep(0.1)
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert results[:4] == [None] * 4 and results[5] is None
+    assert isinstance(results[4], GeneralError)
+    rows = {row.cid: row.connection for row in await store.load()}
+    assert rows == {"a": {"cid": "a", "n": 2}, "b": {"cid": "b", "n": 1},
+                    "c": {"cid": "c", "n": 3}, "d": {"cid": "d"}}
+    assert max(store.group_sizes) > 1
+
+
 async def test_concurrent_commits_share_transactions(store: Store) -> None:
     with write_locked(store.path):
         tasks = [asyncio.create_task(store.commit([put(f"c{i:02}")])) for i in range(64)]

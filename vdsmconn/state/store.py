@@ -9,6 +9,7 @@ fails only itself. Connection JSON may hold secrets: no repr, log line or error 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -47,11 +48,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
-_PUT = (
-    "INSERT INTO cids (cid, key, connection, created, updated) VALUES (?, ?, ?, ?, ?)"
+_PUT_ROWS = "INSERT INTO cids (cid, key, connection, created, updated) VALUES {}"
+_PUT_CONFLICT = (
     " ON CONFLICT (cid) DO UPDATE SET key = excluded.key, connection = excluded.connection,"
     " updated = excluded.updated"
 )
+# Rows of one INSERT: 5 parameters each, within SQLite's oldest limit of 999 parameters.
+PUTS_PER_STATEMENT = 128
 _PUT_ATTACHMENT = (
     "INSERT INTO attachments (volume_id, record, updated) VALUES (?, ?, ?)"
     " ON CONFLICT (volume_id) DO UPDATE SET record = excluded.record, updated = excluded.updated"
@@ -322,8 +325,15 @@ class Store:
 
     def _commit_batches(self, conn: sqlite3.Connection, batches: list[tuple[Op, ...]]) -> None:
         now = self._clock()
-        with _transaction(conn):
-            for ops in batches:
+        ops = [op for batch in batches for op in batch]
+        puts = [op for op in ops if isinstance(op, Put)]
+        if len(puts) == len(ops) <= PUTS_PER_STATEMENT:
+            # One statement is a transaction of its own: the writer lets go of the GIL once
+            # for the group, where BEGIN, each insert and COMMIT each made it wait for the
+            # GIL again behind the busy event loop.
+            _put_many(conn, puts, now)
+        else:
+            with _transaction(conn):
                 for op in ops:
                     _apply(conn, op, now)
         self.commit_count += 1
@@ -415,8 +425,8 @@ def _migrate(conn: sqlite3.Connection, path: Path, clock: Callable[[], float]) -
 
 def _apply(conn: sqlite3.Connection, op: Op, now: float) -> None:
     match op:
-        case Put(cid, key, connection):
-            conn.execute(_PUT, (cid, key, _dumps(connection), now, now))
+        case Put():
+            _put_many(conn, [op], now)
         case Delete(cid):
             conn.execute("DELETE FROM cids WHERE cid = ?", (cid,))
         case PutAttachment(volume_id, record):
@@ -429,6 +439,17 @@ def _apply(conn: sqlite3.Connection, op: Op, now: float) -> None:
             conn.execute("DELETE FROM teardowns WHERE key = ?", (key,))
         case _:
             raise TypeError(f"not a store op: {type(op).__name__}")
+
+
+@functools.cache
+def _put_statement(rows: int) -> str:
+    return _PUT_ROWS.format(", ".join(["(?, ?, ?, ?, ?)"] * rows)) + _PUT_CONFLICT
+
+
+def _put_many(conn: sqlite3.Connection, puts: Sequence[Put], now: float) -> None:
+    """Upsert rows in order, in one statement (a CID given twice ends as the last one)."""
+    conn.execute(_put_statement(len(puts)), [
+        value for put in puts for value in (put.cid, put.key, _dumps(put.connection), now, now)])
 
 
 def _dumps(value: dict[str, Any]) -> str:
