@@ -179,7 +179,6 @@ class Table:
     the flag is seen by no other poll (the watcher polls a file of its own)."""
 
     def __init__(self, path: str = PATH) -> None:
-        self.path = path
         self.reads = 0  # whole reads (for tests)
         self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - lives with the object
         self._poll = select.poll()
