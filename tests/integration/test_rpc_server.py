@@ -276,6 +276,24 @@ async def test_non_reading_client_dropped(
     await lazy.wait_closed_by_server()
 
 
+async def test_slow_reader_gets_every_message_in_order(
+    make_server: Factory, clients: list[Client]
+) -> None:
+    # 16 MiB of notifications to a client that reads in bursts with pauses: each time the
+    # socket is full, the rest waits in the queue; each time it is empty again, messages
+    # may go straight to it. Every one arrives, in order, and the reply last.
+    server = await make_server(limits={"max_queue": 2048})
+    client = await connect(server, clients)
+    await client.send({"jsonrpc": "2.0", "method": "flood", "params": [1024, 16384], "id": 1})
+    seen = []
+    for n in range(1024):
+        if n % 32 == 0:
+            await asyncio.sleep(0.01)
+        seen.append((await client.recv())["params"]["n"])
+    assert seen == list(range(1024))
+    assert await client.recv() == {"jsonrpc": "2.0", "result": 1024, "id": 1}
+
+
 async def test_notify_delivers_notification(make_server: Factory, clients: list[Client]) -> None:
     client = await connect(await make_server(), clients)
     await client.send({"jsonrpc": "2.0", "method": "subscribe", "id": 1})

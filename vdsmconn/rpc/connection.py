@@ -33,7 +33,8 @@ class Limits:
 
 class Connection:
     """One client. Requests run concurrently; replies and notifications are written one at a
-    time from a bounded queue, so a client that does not read is dropped, never waited for.
+    time: straight to the socket while it takes them, else from a bounded queue, so a client
+    that does not read is dropped, never waited for.
     Implements `jsonrpc.Session`. Newline JSON-RPC here; stomp.StompConnection reads frames
     instead (`_read_loop`) and writes heart-beats (`_heartbeat`)."""
 
@@ -64,6 +65,7 @@ class Connection:
         self._tg: asyncio.TaskGroup | None = None
         self._last_input = 0.0  # loop time of the last line read
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._output_at = 0.0  # loop time of the last write
 
     @property
     def peer(self) -> str:
@@ -110,6 +112,14 @@ class Connection:
 
     def _send(self, data: bytes) -> None:
         if self._stop.is_set():
+            return
+        transport = self._writer.transport
+        if self._queue.empty() and not transport.get_write_buffer_size() \
+                and not transport.is_closing():
+            # The socket took all that was written before: write now. The queue and the
+            # writer task are for a client that reads slowly; going through them cost each
+            # reply a future, a task step and a drain.
+            self._write(data + self._EOL)
             return
         if self._queue.qsize() >= self._limits.max_queue:
             log.warning(
@@ -202,22 +212,31 @@ class Connection:
         """Seconds without output after which a heart-beat (an EOL) is written; None: never."""
         return None
 
+    def _write(self, data: bytes) -> None:
+        self._writer.write(data)
+        self._output_at = asyncio.get_running_loop().time()
+
     async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._output_at = loop.time()
         try:
             while True:
                 heartbeat = self._heartbeat()
+                due = None if heartbeat is None else self._output_at + heartbeat
                 try:
-                    if heartbeat is None:  # no timer per reply where none is needed
+                    if due is None:  # no timer per reply where none is needed
                         data = await self._queue.get()
                     else:
-                        async with asyncio.timeout(heartbeat):
+                        async with asyncio.timeout_at(due):
                             data = await self._queue.get()
                 except TimeoutError:
-                    self._writer.write(b"\n")
+                    if heartbeat is not None and loop.time() < self._output_at + heartbeat:
+                        continue  # a reply went out directly in the meantime
+                    self._write(b"\n")
                 else:
                     if data is None:
                         break
-                    self._writer.write(data + self._EOL)
+                    self._write(data + self._EOL)
                 await self._writer.drain()
             self._writer.close()
             await self._writer.wait_closed()
