@@ -8,14 +8,14 @@ Changes to one CID are serialized by a per-CID lock; different CIDs proceed conc
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Collection, Coroutine
+from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
 from vdsmconn import __version__, errors
+from vdsmconn.cidlocks import CidLocks
 from vdsmconn.clock import Clock
 from vdsmconn.config import Config
 from vdsmconn.connectors import iscsi_discovery, localfs, mount
@@ -55,6 +55,16 @@ K = TypeVar("K", str, ConnectionKey)
 BACKENDS_TTL = 10.0  # seconds getHostInfo may show a backend's availability unchanged
 
 
+@dataclasses.dataclass
+class _Change:
+    """A change of the desired state made in memory, to be made durable."""
+
+    ops: list[Op]
+    done: Callable[[], None]  # once it is durable: log it, wake whom it concerns
+    undo: Callable[[], object]  # the store failed: memory back to how it was
+    held: list[ConnectionKey] = dataclasses.field(default_factory=list)  # keys it may leave
+
+
 class Service:
     def __init__(
         self, config: Config, store: Store, desired: DesiredState, actual: ActualState,
@@ -70,41 +80,16 @@ class Service:
         self.clock = clock
         self.inventory = Inventory(config, desired, actual, connectors, runner)
         self.started = clock.time()
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks = CidLocks()
         # When the backends were looked at, why each cannot work here (None: it can), and
         # whether FUSE helpers get scopes.
         self._backends_cache: tuple[float, dict[str, str | None], dict[str, Any]] | None = None
-        self._lock_users: dict[str, int] = {}
         self._changed = asyncio.Event()  # set and replaced on every desired or actual change
-        self._changes: set[asyncio.Task[Any]] = set()  # desired-state changes in flight
+        self._changes: set[asyncio.Future[None]] = set()  # settled with each change in flight
         # CIDs whose going left a key without any, for its events until it is gone.
         self._departed: dict[ConnectionKey, list[str]] = {}
         actual.listen(self._on_change)
         reconciler.on_torn_down = self.torn_down
-
-    # --- locking -----------------------------------------------------------------------
-
-    @contextlib.asynccontextmanager
-    async def _locked(self, cids: list[str]) -> AsyncIterator[None]:
-        cids = sorted(set(cids))
-        for cid in cids:
-            self._locks.setdefault(cid, asyncio.Lock())
-            self._lock_users[cid] = self._lock_users.get(cid, 0) + 1
-        try:
-            if len(cids) == 1:  # a manage or update: no exit stack
-                async with self._locks[cids[0]]:
-                    yield
-            else:
-                async with contextlib.AsyncExitStack() as stack:
-                    for cid in cids:
-                        await stack.enter_async_context(self._locks[cid])
-                    yield
-        finally:
-            for cid in cids:
-                self._lock_users[cid] -= 1
-                if not self._lock_users[cid]:
-                    del self._lock_users[cid]
-                    del self._locks[cid]
 
     def _on_change(self, change: Change | None = None) -> None:
         self._changed.set()
@@ -124,23 +109,43 @@ class Service:
 
     # --- changes -------------------------------------------------------------------------
 
-    async def _durable(self, change: Callable[[], Coroutine[Any, Any, T]], what: str) -> T:
-        """Run a change of the desired state to its end whatever happens to the caller.
+    async def _change(self, cids: list[str], make: Callable[[], _Change | None]) -> None:
+        """Make one change of the desired state durable, whatever happens to the caller.
 
-        A client that hangs up (its request is cancelled) must not leave memory and disk
-        apart, nor a change made without its effects: the change runs in a task of its own
-        that the caller only waits for. It is undone only when the store itself fails.
+        With `cids` held, `make` checks the change (raising the client's error) and applies
+        it in memory, or returns None when there is nothing to change. Its commit is settled
+        in a callback on the loop, which undoes the change if the store failed, else gives
+        it its effects, and then lets the CIDs go: a client that hangs up (its request is
+        cancelled) leaves neither memory and disk apart nor a change without its effects.
         """
-        task: asyncio.Task[T] = asyncio.get_running_loop().create_task(change(), name=what)
-        self._changes.add(task)
-        task.add_done_callback(self._change_done)
-        return await asyncio.shield(task)
+        held = await self._locks.acquire(cids)
+        try:
+            change = make()
+        except BaseException:
+            self._locks.release(held)
+            raise
+        if change is None:
+            self._locks.release(held)
+            return
+        settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._changes.add(settled)
+        # The keys the change may leave without a CID are held until it is durable: their
+        # supervisors must not tear them down for a change that may still be undone.
+        self.desired.hold(change.held)
 
-    def _change_done(self, task: asyncio.Task[Any]) -> None:
-        self._changes.discard(task)
-        if not task.cancelled() and (e := task.exception()) is not None and \
-                not isinstance(e, errors.Error):
-            log.error("CHANGE %s failed: %s", task.get_name(), e)
+        def settle(exc: BaseException | None) -> None:
+            try:
+                if exc is not None:
+                    change.undo()
+                self.desired.unhold(change.held)
+                if exc is None:
+                    change.done()
+            finally:
+                self._locks.release(held)
+                self._changes.discard(settled)
+                settled.set_result(None)
+
+        await self.store.commit(change.ops, then=settle)
 
     async def drain(self, timeout: float) -> None:
         """Wait for changes still in flight (their clients may be gone) before stopping."""
@@ -148,49 +153,41 @@ class Service:
             await asyncio.wait(set(self._changes), timeout=timeout)
 
     async def manage(self, cid: str, spec: ConnectionSpec) -> dict[str, str]:
-        return await self._durable(lambda: self._manage(cid, spec), f"manage {cid}")
+        def make() -> _Change | None:
+            if not self.desired.check_manage(cid, spec):
+                return None
+            # A connected key that other CIDs already refer to has this spec and its
+            # supervisor: one more reference is nothing for it to do.
+            st = self.actual.get(spec.key)
+            quiet = bool(self.desired.refs(spec.key) and st is not None and st.connected
+                         and self.reconciler.supervises(spec.key))
+            # Applied first, so a concurrent manage of the same key is checked against it;
+            # a supervisor seeing the extra reference early changes nothing.
+            self.desired.apply_put(cid, spec)
 
-    async def _manage(self, cid: str, spec: ConnectionSpec) -> dict[str, str]:
-        async with self._locked([cid]):
-            if self.desired.check_manage(cid, spec):
-                # A connected key that other CIDs already refer to has this spec and its
-                # supervisor: one more reference is nothing for it to do.
-                st = self.actual.get(spec.key)
-                quiet = bool(self.desired.refs(spec.key) and st is not None and st.connected
-                             and self.reconciler.supervises(spec.key))
-                # Applied first, so a concurrent manage of the same key is checked against
-                # it; a supervisor seeing the extra reference early changes nothing.
-                self.desired.apply_put(cid, spec)
-                try:
-                    await self.store.commit([Put(cid, str(spec.key), spec.to_store())])
-                except Exception:
-                    self.desired.apply_delete(cid)
-                    raise
+            def done() -> None:
                 log.info("MANAGE cid=%s key=%s refs=%d", cid, spec.key,
                          self.desired.refs(spec.key))
                 self._departed.pop(spec.key, None)
                 if not quiet:
                     self.reconciler.kick(spec.key)
                 self._on_change()
+            return _Change([Put(cid, str(spec.key), spec.to_store())], done,
+                           lambda: self.desired.apply_delete(cid))
+
+        await self._change([cid], make)
         return {"connectionID": cid, "key": str(spec.key)}
 
     async def update(self, cid: str, spec: ConnectionSpec) -> dict[str, str]:
-        return await self._durable(lambda: self._update(cid, spec), f"update {cid}")
-
-    async def _update(self, cid: str, spec: ConnectionSpec) -> dict[str, str]:
-        async with self._locked([cid]):
+        def make() -> _Change | None:
             old = self.desired.get(cid)
-            if self.desired.check_update(cid, spec) and old is not None:
-                # The key the CID leaves is held until the change is durable: its
-                # supervisor must not tear it down for a change that may still be undone.
-                with self.desired.holding([old.key]):
-                    self.desired.apply_put(cid, spec)
-                    ops: list[Op] = [Put(cid, str(spec.key), spec.to_store())]
-                    try:
-                        await self.store.commit(ops + self._teardowns([old]))
-                    except Exception:
-                        self.desired.apply_put(cid, old.spec)
-                        raise
+            if not self.desired.check_update(cid, spec) or old is None:
+                return None
+            self.desired.apply_put(cid, spec)
+            ops: list[Op] = [Put(cid, str(spec.key), spec.to_store())]
+
+            def done() -> None:
+                assert old is not None
                 log.info("UPDATE cid=%s key=%s->%s", cid, old.key, spec.key)
                 self._departed.pop(spec.key, None)
                 if old.key != spec.key:
@@ -198,36 +195,41 @@ class Service:
                 self.reconciler.kick(old.key)
                 self.reconciler.kick(spec.key)
                 self._on_change()
+            return _Change(ops + self._teardowns([old]), done,
+                           lambda: self.desired.apply_put(cid, old.spec), [old.key])
+
+        await self._change([cid], make)
         return {"connectionID": cid, "key": str(spec.key)}
 
     async def unmanage(self, cid: str | None, prefix: str | None) -> dict[str, list[str]]:
-        what = f"unmanage {cid}" if cid is not None else f"unmanage prefix {prefix}"
-        return await self._durable(lambda: self._unmanage(cid, prefix), what)
-
-    async def _unmanage(self, cid: str | None, prefix: str | None) -> dict[str, list[str]]:
         targets = [cid] if cid is not None else self.desired.with_prefix(prefix or "")
-        async with self._locked(targets):
+        entries: list[Entry] = []
+
+        def make() -> _Change | None:
             if cid is not None:
                 self.desired.check_unmanage(cid)
-            entries = [e for e in (self.desired.get(c) for c in targets) if e is not None]
+            entries.extend(e for e in (self.desired.get(c) for c in targets) if e is not None)
             if not entries:
-                return {"connectionIDs": []}
-            with self.desired.holding([e.key for e in entries]):
-                for entry in entries:
-                    self.desired.apply_delete(entry.cid)
-                try:
-                    ops: list[Op] = [Delete(e.cid) for e in entries]
-                    await self.store.commit(ops + self._teardowns(entries))
-                except Exception:
-                    for entry in entries:
-                        self.desired.apply_put(entry.cid, entry.spec)
-                    raise
+                return None
             for entry in entries:
-                log.info("UNMANAGE cid=%s key=%s refs=%d", entry.cid, entry.key,
-                         self.desired.refs(entry.key))
-                self._left(entry.cid, entry.key)
-                self.reconciler.kick(entry.key)
-            self._on_change()
+                self.desired.apply_delete(entry.cid)
+            ops: list[Op] = [Delete(e.cid) for e in entries]
+
+            def done() -> None:
+                for entry in entries:
+                    log.info("UNMANAGE cid=%s key=%s refs=%d", entry.cid, entry.key,
+                             self.desired.refs(entry.key))
+                    self._left(entry.cid, entry.key)
+                    self.reconciler.kick(entry.key)
+                self._on_change()
+
+            def undo() -> None:
+                for entry in entries:
+                    self.desired.apply_put(entry.cid, entry.spec)
+            return _Change(ops + self._teardowns(entries), done, undo,
+                           [e.key for e in entries])
+
+        await self._change(targets, make)
         return {"connectionIDs": [e.cid for e in entries]}
 
     def _teardowns(self, left: list[Entry]) -> list[Op]:

@@ -174,17 +174,19 @@ async def test_held_key_is_not_torn_down_until_the_change_is_durable(
     data.mkdir()
     key = world.manage("c", LocalSpec(connection=str(data)))
     await until(lambda: world.actual.get(key) and world.status(key).state == State.CONNECTED, "")
-    with world.desired.holding([key]):
-        world.desired.apply_delete("c")
-        await world.clock.advance(100)  # probe intervals pass while the commit is pending
-        await world.settle()
-        assert world.status(key).state == State.CONNECTED
-        world.desired.apply_put("c", LocalSpec(connection=str(data)))  # the store failed
+    world.desired.hold([key])
+    world.desired.apply_delete("c")
+    await world.clock.advance(100)  # probe intervals pass while the commit is pending
+    await world.settle()
+    assert world.status(key).state == State.CONNECTED
+    world.desired.apply_put("c", LocalSpec(connection=str(data)))  # the store failed
+    world.desired.unhold([key])
     await world.clock.advance(100)
     await world.settle()
     assert world.status(key).state == State.CONNECTED
-    with world.desired.holding([key]):
-        world.desired.apply_delete("c")
+    world.desired.hold([key])
+    world.desired.apply_delete("c")
+    world.desired.unhold([key])
     world.rec.kick(key)  # durable now
     await until(lambda: world.actual.get(key) is None, "")
 

@@ -8,7 +8,6 @@ without a CID are `held` until it is durable: nothing may tear them down before.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -62,19 +61,16 @@ class DesiredState:
         """True while a change that may still be undone has taken CIDs from `key`."""
         return key in self._held
 
-    @contextlib.contextmanager
-    def holding(self, keys: Iterable[ConnectionKey]) -> Iterator[None]:
-        """Hold `keys` for the length of the block (a change being made durable)."""
-        keys = list(keys)
+    def hold(self, keys: Iterable[ConnectionKey]) -> None:
+        """Hold `keys` while a change that may leave them without a CID is made durable."""
         for key in keys:
             self._held[key] = self._held.get(key, 0) + 1
-        try:
-            yield
-        finally:
-            for key in keys:
-                self._held[key] -= 1
-                if not self._held[key]:
-                    del self._held[key]
+
+    def unhold(self, keys: Iterable[ConnectionKey]) -> None:
+        for key in keys:
+            self._held[key] -= 1
+            if not self._held[key]:
+                del self._held[key]
 
     def with_prefix(self, prefix: str) -> list[str]:
         return sorted(cid for cid in self._cids if cid.startswith(prefix))

@@ -152,6 +152,15 @@ def _resolve_all(outcomes: list[_Outcome]) -> None:
 @dataclass
 class _Commit(_Request):
     ops: tuple[Op, ...]
+    then: Callable[[BaseException | None], None] | None = None
+
+    def resolve(self, result: Any, exc: BaseException | None) -> None:
+        if self.then is not None:
+            try:
+                self.then(exc)
+            except Exception:
+                log.exception("STATE commit callback failed")
+        super().resolve(result, exc)
 
 
 @dataclass
@@ -199,11 +208,11 @@ class Store:
         log.info("STATE OPEN path=%s schema=%d", self.path, len(MIGRATIONS))
 
     async def load(self) -> list[Row]:
-        rows: list[Row] = await self._call(_Read, _load_rows)
+        rows: list[Row] = await self._read(_load_rows)
         return rows
 
     async def load_attachments(self) -> dict[str, dict[str, Any]]:
-        records: dict[str, dict[str, Any]] = await self._call(_Read, _load_attachments)
+        records: dict[str, dict[str, Any]] = await self._read(_load_attachments)
         return records
 
     # The attachment store of managed volumes (connectors.base.AttachmentStore).
@@ -220,16 +229,29 @@ class Store:
 
     async def load_teardowns(self) -> dict[str, dict[str, Any]]:
         """Key -> connection of every teardown not known to be finished."""
-        records: dict[str, dict[str, Any]] = await self._call(_Read, _load_teardowns)
+        records: dict[str, dict[str, Any]] = await self._read(_load_teardowns)
         return records
 
-    async def commit(self, ops: Sequence[Op]) -> None:
+    async def commit(self, ops: Sequence[Op],
+                     then: Callable[[BaseException | None], None] | None = None) -> None:
         """Commit all `ops` or none; return once they are on disk.
 
         A caller cancelled while waiting does not undo the commit: it may still happen.
+        `then`, if given, is called on the loop with the outcome (None, or the error this
+        raises) as soon as it is known: before this returns or raises, and also when the
+        caller was cancelled meanwhile.
         """
-        if ops:
-            await self._call(_Commit, tuple(ops))
+        loop = asyncio.get_running_loop()
+        request = _Commit(loop, loop.create_future(), tuple(ops), then)
+        if not ops:
+            request.resolve(None, None)
+            return
+        try:
+            self._submit(request)
+        except GeneralError as exc:
+            request.resolve(None, exc)
+            raise
+        await request.future
 
     async def close(self) -> None:
         """Finish the queued work, stop the writer thread, close the database."""
@@ -249,14 +271,17 @@ class Store:
             self._thread = None
         log.info("STATE CLOSED path=%s", self.path)
 
-    async def _call(self, kind: type[_Commit] | type[_Read], arg: Any) -> Any:
+    async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         loop = asyncio.get_running_loop()
-        request = kind(loop, loop.create_future(), arg)
+        request = _Read(loop, loop.create_future(), fn)
+        self._submit(request)
+        return await request.future
+
+    def _submit(self, request: _Request) -> None:
         with self._lock:
             if not self._accepting:
                 raise GeneralError("State store is not open")
             self._queue.put(request)
-        return await request.future
 
     # --- the writer thread ---------------------------------------------------------------------
 
