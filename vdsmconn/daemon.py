@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from vdsmconn import __version__, config, connectors, errors, metrics, systemd
+from vdsmconn import __version__, config, connectors, errors, logs, metrics, systemd
 from vdsmconn.clock import Clock
 from vdsmconn.connectors.base import HostContext
 from vdsmconn.connectors.iscsi import IscsiConnector
@@ -191,10 +191,8 @@ def setup_logging(level: str) -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    logging.basicConfig(
-        stream=sys.stderr, level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logging.basicConfig(level=getattr(logging, level.upper()),
+                        handlers=[logs.LineHandler(sys.stderr)])
 
 
 def tune_gc() -> None:

@@ -11,7 +11,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from vdsmconn import errors
+from vdsmconn import errors, logs
 from vdsmconn.rpc import jsonrpc
 
 log = logging.getLogger(__name__)
@@ -213,6 +213,7 @@ class Connection:
         return None
 
     def _write(self, data: bytes) -> None:
+        logs.flush()  # the lines logged before an answer are in the log before it is sent
         self._writer.write(data)
         self._output_at = asyncio.get_running_loop().time()
 
