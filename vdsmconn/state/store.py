@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeAlias
 
+import orjson
+
 from vdsmconn.errors import GeneralError
 from vdsmconn.state.actual import Attachment
 
@@ -478,7 +480,14 @@ def _put_many(conn: sqlite3.Connection, puts: Sequence[Put], now: float) -> None
 
 
 def _dumps(value: dict[str, Any]) -> str:
-    return json.dumps(value, allow_nan=False, separators=(",", ":"))
+    """A record as JSON text. orjson takes a sixteenth of json's time, time the writer holds
+    the GIL while the event loop waits for it; what orjson refuses (an integer beyond 64
+    bits) takes json. A float NaN, which no record holds (requests cannot carry one), would
+    be stored as null."""
+    try:
+        return orjson.dumps(value).decode()
+    except (TypeError, orjson.JSONEncodeError):
+        return json.dumps(value, allow_nan=False, separators=(",", ":"))
 
 
 def _load_rows(conn: sqlite3.Connection) -> list[Row]:
