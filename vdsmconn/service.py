@@ -84,16 +84,25 @@ class Service:
         # When the backends were looked at, why each cannot work here (None: it can), and
         # whether FUSE helpers get scopes.
         self._backends_cache: tuple[float, dict[str, str | None], dict[str, Any]] | None = None
-        self._changed = asyncio.Event()  # set and replaced on every desired or actual change
+        # Set and replaced on every desired or actual change that someone waits for.
+        self._changed = asyncio.Event()
+        self._watched = False  # someone took `_changed` to wait for it
         self._changes: set[asyncio.Future[None]] = set()  # settled with each change in flight
         # CIDs whose going left a key without any, for its events until it is gone.
         self._departed: dict[ConnectionKey, list[str]] = {}
         actual.listen(self._on_change)
         reconciler.on_torn_down = self.torn_down
 
+    def _next_change(self) -> asyncio.Event:
+        """The event set at the next change."""
+        self._watched = True
+        return self._changed
+
     def _on_change(self, change: Change | None = None) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+        if self._watched:
+            self._changed.set()
+            self._changed = asyncio.Event()
+            self._watched = False
         if change is not None and change.new is None and change.key in self._departed:
             # Every listener hears of this change before the next turn of the loop.
             asyncio.get_running_loop().call_soon(self._departed.pop, change.key, None)
@@ -355,7 +364,7 @@ class Service:
         try:
             async with asyncio.timeout(timeout):
                 while True:
-                    changed = self._changed
+                    changed = self._next_change()
                     if done():
                         return {cid: self.status(cid) for cid in cids}
                     await changed.wait()
@@ -419,7 +428,7 @@ class Service:
         try:
             async with asyncio.timeout(timeout):
                 while True:
-                    changed = self._changed
+                    changed = self._next_change()
                     for item in items:
                         if item not in done and (found := code(item)) is not None:
                             done[item] = found

@@ -116,8 +116,9 @@ async def make_server(sockdir: str, gate: Gate) -> AsyncIterator[Factory]:
 
     async def factory(**kwargs: Any) -> UnixServer:
         limits = Limits(**kwargs.pop("limits", {}))
+        kind = kwargs.pop("dispatcher", Dispatcher)
         server = UnixServer(
-            Dispatcher(methods(gate)), os.path.join(sockdir, "s.sock"), limits=limits, **kwargs
+            kind(methods(gate)), os.path.join(sockdir, "s.sock"), limits=limits, **kwargs
         )
         await server.start()
         servers.append(server)
@@ -292,6 +293,31 @@ async def test_slow_reader_gets_every_message_in_order(
         seen.append((await client.recv())["params"]["n"])
     assert seen == list(range(1024))
     assert await client.recv() == {"jsonrpc": "2.0", "result": 1024, "id": 1}
+
+
+class Faulty(Dispatcher):
+    """A dispatcher with a bug: it raises instead of answering a request for "boom"."""
+
+    async def handle(self, data: bytes, session: Session) -> bytes | None:
+        if b'"boom"' in data:
+            raise RuntimeError("a bug in the dispatcher")
+        return await super().handle(data, session)
+
+
+async def test_a_request_that_fails_outside_its_method_drops_only_its_client(
+    make_server: Factory, clients: list[Client], gate: Gate,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = await make_server(dispatcher=Faulty)
+    faulty = await connect(server, clients)
+    other = await connect(server, clients)
+    await faulty.send({"jsonrpc": "2.0", "method": "wait_gate", "id": 1})
+    await asyncio.wait_for(gate.entered.wait(), DEADLINE)
+    await faulty.send({"jsonrpc": "2.0", "method": "boom", "id": 2})
+    await faulty.wait_closed_by_server()
+    assert "REQUEST FAILED" in caplog.text and "a bug in the dispatcher" in caplog.text
+    await eventually(lambda: server.clients == 1)
+    assert (await other.call("echo", ["still here"]))["result"] == "still here"
 
 
 async def test_notify_delivers_notification(make_server: Factory, clients: list[Client]) -> None:

@@ -62,7 +62,6 @@ class Connection:
         self._stop = asyncio.Event()
         self._flush = False
         self._reason = "closed"
-        self._tg: asyncio.TaskGroup | None = None
         self._last_input = 0.0  # loop time of the last line read
         self._idle_timer: asyncio.TimerHandle | None = None
         self._output_at = 0.0  # loop time of the last write
@@ -84,7 +83,6 @@ class Connection:
         log.info("CONNECT peer=%s protocol=%s", self._peer, self.protocol)
         try:
             async with asyncio.TaskGroup() as tg:
-                self._tg = tg
                 reading = tg.create_task(self._read_loop())
                 writing = tg.create_task(self._write_loop())
                 await self._stop.wait()
@@ -98,6 +96,10 @@ class Connection:
                             await writing
                 writing.cancel()
         finally:
+            for task in self._pending:
+                task.cancel()
+            if self._pending:
+                await asyncio.wait(set(self._pending))
             self._close("server closing", flush=False)
             self._writer.transport.abort()
             log.info("DISCONNECT peer=%s reason=%s", self._peer, self._reason)
@@ -131,7 +133,6 @@ class Connection:
         self._queue.put_nowait(data)
 
     async def _read_loop(self) -> None:
-        assert self._tg is not None
         # One timer for the idle limit, moved on only when it fires: a timeout around
         # every read cost each request about a tenth of its loop time.
         loop = asyncio.get_running_loop()
@@ -186,11 +187,19 @@ class Connection:
                 self._spawn(self._request(line))
 
     def _spawn(self, request: Coroutine[Any, Any, None]) -> None:
-        """Run one request of this client; reading pauses while max_pending run."""
-        assert self._tg is not None
-        task = self._tg.create_task(request)
+        """Run one request of this client; reading pauses while max_pending run. Requests
+        are not in serve's task group, whose bookkeeping cost each request a Python call and
+        a loop callback more: serve cancels and waits for them itself."""
+        task = asyncio.get_running_loop().create_task(request)
         self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        task.add_done_callback(self._request_done)
+
+    def _request_done(self, task: asyncio.Task[None]) -> None:
+        self._pending.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # The dispatcher answers every failure of a method: this is a bug of ours.
+            log.error("REQUEST FAILED peer=%s", self._peer, exc_info=exc)
+            self._close("request failed", flush=False)
 
     async def _readline(self) -> bytes:
         """The next line (b"" at end of input)."""
