@@ -13,7 +13,9 @@ tables.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import dataclasses
+import itertools
 import logging
 import platform
 import threading
@@ -25,12 +27,16 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
     CollectorRegistry,
-    Counter,
     Gauge,
     Histogram,
     start_http_server,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -56,6 +62,7 @@ log = logging.getLogger(__name__)
 PREFIX = "vdsmconn"
 OPERATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 RPC_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300)
+_RPC_LE = tuple(repr(float(bound)) for bound in RPC_BUCKETS)  # as prometheus_client writes them
 
 # Error codes (SPEC 3.1) -> the `reason` label of connection_errors_total.
 REASONS: dict[int, str] = {
@@ -110,16 +117,11 @@ class Metrics:
         # Labelled children looked up once: a probe of every key is timed.
         self._running: dict[tuple[str, str], Gauge] = {}
         self._durations: dict[tuple[str, str, str], Histogram] = {}
-        self._requests: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+        self._requests: dict[tuple[str, int], _RpcTally] = {}
         self.operations_in_progress = Gauge(
             f"{PREFIX}_operations_in_progress", "Operations running now",
             ["operation", "type"], registry=reg)
-        self.rpc_requests = Counter(
-            f"{PREFIX}_rpc_requests", "JSON-RPC requests handled, by method and result code "
-            "(0: success)", ["method", "code"], registry=reg)
-        self.rpc_seconds = Histogram(
-            f"{PREFIX}_rpc_request_duration_seconds", "Duration of JSON-RPC requests",
-            ["method", "code"], buckets=RPC_BUCKETS, registry=reg)
+        reg.register(_RpcCollector(self._requests))
         ProcessCollector(registry=reg)
         PlatformCollector(registry=reg)
         GCCollector(registry=reg)
@@ -212,13 +214,11 @@ class Metrics:
         return handler
 
     def rpc_request(self, method: str, code: int, seconds: float) -> None:
-        children = self._requests.get((method, code))
-        if children is None:
-            children = (self.rpc_requests.labels(method, str(code)),
-                        self.rpc_seconds.labels(method, str(code)))
-            self._requests[method, code] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        tally = self._requests.get((method, code))
+        if tally is None:
+            tally = self._requests[method, code] = _RpcTally()
+        tally.buckets[bisect.bisect_left(RPC_BUCKETS, seconds)] += 1
+        tally.seconds += seconds
 
     # --- reads (any thread) --------------------------------------------------------------
 
@@ -276,6 +276,47 @@ class Metrics:
 
 
 T = TypeVar("T")
+
+
+class _RpcTally:
+    """The requests of one method and result code: counted on the event loop without a
+    lock (a Counter and a Histogram of prometheus_client took two locks and a search through
+    the buckets in Python, a twentieth of a request's loop time), read by scrapes."""
+
+    __slots__ = ("buckets", "created", "seconds")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(RPC_BUCKETS) + 1)  # not cumulative; the last is +Inf
+        self.seconds = 0.0
+        self.created = time.time()
+
+
+class _RpcCollector(Collector):
+    """vdsmconn_rpc_requests_total and vdsmconn_rpc_request_duration_seconds."""
+
+    def __init__(self, tallies: dict[tuple[str, int], _RpcTally]) -> None:
+        self._tallies = tallies
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["method", "code"]
+        requests = CounterMetricFamily(
+            f"{PREFIX}_rpc_requests", "JSON-RPC requests handled, by method and result code "
+            "(0: success)", labels=labels)
+        seconds = HistogramMetricFamily(f"{PREFIX}_rpc_request_duration_seconds",
+                                        "Duration of JSON-RPC requests", labels=labels)
+        for (method, code), tally in list(self._tallies.items()):
+            counts = list(tally.buckets)  # one C-level copy: counts of one moment
+            total = sum(counts)
+            cumulative = list(itertools.accumulate(counts))
+            bounds = [(le, float(n)) for le, n in zip(_RPC_LE, cumulative, strict=False)]
+            requests.add_metric([method, str(code)], total, created=tally.created)
+            seconds.add_metric([method, str(code)], [*bounds, ("+Inf", float(total))],
+                               tally.seconds)
+        yield requests
+        yield seconds
 
 
 class _StateCollector(Collector):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from vdsmconn import errors, metrics
@@ -259,6 +259,32 @@ async def test_rpc_requests_are_counted_by_method_and_code(
     assert value(found, "vdsmconn_rpc_requests_total", method="broken", code="479") == 1
     assert value(found, "vdsmconn_rpc_request_duration_seconds_count", method="broken",
                  code="479") == 1
+
+
+def test_rpc_samples_are_those_of_prometheus_clients_own_counter_and_histogram(
+    state: tuple[DesiredState, ActualState, metrics.Metrics],
+) -> None:
+    m = state[2]
+    reference = CollectorRegistry()
+    counter = Counter("vdsmconn_rpc_requests", "x", ["method", "code"], registry=reference)
+    histogram = Histogram("vdsmconn_rpc_request_duration_seconds", "x", ["method", "code"],
+                          buckets=metrics.RPC_BUCKETS, registry=reference)
+    observations = [("manage", 0, s) for s in (0.0, 0.0004, 0.001, 0.0011, 0.7, 299.0, 301.0)]
+    observations += [("manage", 481, 0.02), ("list", 0, 5.0), ("list", 0, 5.5)]
+    for method, code, seconds in observations:
+        m.rpc_request(method, code, seconds)
+        counter.labels(method, str(code)).inc()
+        histogram.labels(method, str(code)).observe(seconds)
+
+    def rpc(found: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> dict[Any, float]:
+        return {k: v for k, v in found.items()
+                if k[0].startswith("vdsmconn_rpc_") and not k[0].endswith("_created")}
+
+    ours, theirs = rpc(samples(m.registry)), rpc(samples(reference))
+    # Per pair of labels: the counter, 13 buckets, count and sum.
+    assert ours.keys() == theirs.keys() and len(ours) == 3 * (1 + 13 + 2)
+    for name, expected in theirs.items():
+        assert ours[name] == pytest.approx(expected), name
 
 
 def test_build_and_process_info_are_exported(
