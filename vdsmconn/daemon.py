@@ -127,8 +127,8 @@ class Daemon:
                     tasks.create_task(udev.UdevWatcher().run(on_device))
                 else:
                     log.warning("UDEV not watching block devices: %s", why)
-                dispatcher = jsonrpc.Dispatcher(
-                    measure.instrument_methods(methods.build(service)))
+                dispatcher = jsonrpc.Dispatcher(methods.build(service),
+                                                observe=measure.rpc_request)
                 limits = Limits(max_message=cfg.rpc.max_message,
                                 idle_timeout=cfg.rpc.idle_timeout,
                                 max_clients=cfg.rpc.max_clients)

@@ -20,7 +20,7 @@ import logging
 import platform
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIServer
@@ -47,7 +47,6 @@ from vdsmconn.connectors.base import Connected, Connector, QuickCheck, StepLog
 from vdsmconn.host import address
 from vdsmconn.host.command import StuckCommand
 from vdsmconn.model import ConnectionKey, ConnectionSpec, State
-from vdsmconn.rpc.jsonrpc import Method, Session
 from vdsmconn.state.actual import (
     CONNECTED_STATES,
     ActualState,
@@ -191,29 +190,8 @@ class Metrics:
         """The connector table with every connect, disconnect and probe timed."""
         return {name: TimedConnector(connector, self) for name, connector in table.items()}
 
-    def instrument_methods(self, methods: Iterable[Method]) -> list[Method]:
-        """The verb table with every request counted and timed by method and code."""
-        return [TimedMethod(m.name, m.params, m.required, self._timed_handler(m), self)
-                for m in methods]
-
-    def _timed_handler(self, method: Method) -> Callable[[dict[str, Any], Session],
-                                                         Awaitable[Any]]:
-        async def handler(params: dict[str, Any], session: Session) -> Any:
-            start = time.monotonic()
-            code = 0
-            try:
-                return await method.handler(params, session)
-            except errors.Error as e:
-                code = e.code
-                raise
-            except Exception:
-                code = errors.GeneralError.code
-                raise
-            finally:
-                self.rpc_request(method.name, code, time.monotonic() - start)
-        return handler
-
     def rpc_request(self, method: str, code: int, seconds: float) -> None:
+        """One request done (the dispatcher's observer): by method and result code."""
         tally = self._requests.get((method, code))
         if tally is None:
             tally = self._requests[method, code] = _RpcTally()
@@ -439,21 +417,6 @@ class TimedConnector(Connector[Any]):
 
     async def test(self, spec: Any, timeout: float) -> StepLog:
         return await self.inner.test(spec, timeout)
-
-
-@dataclass(frozen=True)
-class TimedMethod(Method):
-    """A verb whose parameter binding failures (-32602) are counted too."""
-
-    metrics: Metrics | None = None
-
-    def bind(self, params: dict[str, Any] | list[Any] | None) -> dict[str, Any]:
-        try:
-            return super().bind(params)
-        except errors.Error as e:
-            if self.metrics is not None:
-                self.metrics.rpc_request(self.name, e.code, 0.0)
-            raise
 
 
 class MetricsServer:

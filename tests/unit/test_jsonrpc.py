@@ -467,3 +467,33 @@ def test_method_table_checked() -> None:
         Method("m", ("a",), frozenset({"b"}), handler)
     with pytest.raises(ValueError, match="twice"):
         Dispatcher([Method("m", (), frozenset(), handler)] * 2)
+
+
+async def test_the_observer_is_told_of_every_request_to_a_known_method() -> None:
+    seen: list[tuple[str, int, float]] = []
+
+    async def ok(args: dict[str, Any], session: Session) -> Any:
+        return 1
+
+    async def refused(args: dict[str, Any], session: Session) -> Any:
+        raise errors.ConnectionIdNotFound("no such CID")
+
+    async def bug(args: dict[str, Any], session: Session) -> Any:
+        raise RuntimeError("a bug")
+
+    table = [Method("ok", ("n",), frozenset(), ok), Method("refused", (), frozenset(), refused),
+             Method("bug", (), frozenset(), bug)]
+    dispatcher = Dispatcher(table, observe=lambda *seen_: seen.append(seen_))
+    for line in (b'{"jsonrpc":"2.0","id":1,"method":"ok"}',
+                 b'{"jsonrpc":"2.0","id":2,"method":"ok","params":{"x":1}}',
+                 b'{"jsonrpc":"2.0","id":3,"method":"refused"}',
+                 b'{"jsonrpc":"2.0","id":4,"method":"bug"}',
+                 b'{"jsonrpc":"2.0","id":5,"method":"unknown"}',
+                 b'{"jsonrpc":"2.0","method":"refused"}',
+                 b'[{"jsonrpc":"2.0","id":6,"method":"ok"}]'):
+        await dispatcher.handle(line, FakeSession())
+    assert [(name, code) for name, code, _ in seen] == [
+        ("ok", 0), ("ok", -32602), ("refused", errors.ConnectionIdNotFound.code),
+        ("bug", errors.GeneralError.code), ("refused", errors.ConnectionIdNotFound.code),
+        ("ok", 0)]
+    assert all(0 <= seconds < 60 for _, _, seconds in seen)

@@ -246,7 +246,7 @@ async def test_rpc_requests_are_counted_by_method_and_code(
 
     table = [jsonrpc.Method("ok", ("n",), frozenset(), ok),
              jsonrpc.Method("broken", (), frozenset(), broken)]
-    dispatcher = jsonrpc.Dispatcher(m.instrument_methods(table))
+    dispatcher = jsonrpc.Dispatcher(table, observe=m.rpc_request)
     session = Session()
     for line in (b'{"jsonrpc":"2.0","id":1,"method":"ok","params":{"n":1}}',
                  b'{"jsonrpc":"2.0","id":2,"method":"ok","params":{"x":1}}',

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -38,6 +39,9 @@ class Session(Protocol):
 
 
 Handler = Callable[[dict[str, Any], Session], Awaitable[Any]]
+# Told of every request to a known method: its name, its result code (0: success; the
+# error's code) and its duration in seconds.
+Observer = Callable[[str, int, float], None]
 
 
 @dataclass(frozen=True)
@@ -118,13 +122,15 @@ _Item = _Parsed | bytes  # a request to run, or a reply already decided
 class Dispatcher:
     """Turns one JSON-RPC message (a request or a batch) into its reply."""
 
-    def __init__(self, methods: Iterable[Method], *, batch_concurrency: int = 32) -> None:
+    def __init__(self, methods: Iterable[Method], *, batch_concurrency: int = 32,
+                 observe: Observer | None = None) -> None:
         self._methods: dict[str, Method] = {}
         for method in methods:
             if method.name in self._methods:
                 raise ValueError(f"method {method.name!r} registered twice")
             self._methods[method.name] = method
         self._batch_concurrency = batch_concurrency
+        self._observe = observe
 
     async def handle(self, data: bytes, session: Session) -> bytes | None:
         """The encoded reply to `data`, or None when nothing is to be sent back."""
@@ -160,30 +166,31 @@ class Dispatcher:
         return replies
 
     async def _run(self, request: _Parsed, session: Session) -> bytes | None:
-        if request.notification:
-            try:
-                await self._call(request, session)
-            except errors.Error as exc:
+        method = self._methods.get(request.method)
+        start = time.monotonic()
+        code = 0
+        try:
+            if method is None:
+                raise errors.MethodNotFound(f"Method not found: {request.method!r}")
+            params = method.bind(request.params)
+            log.debug("CALL peer=%s method=%s id=%r", session.peer, request.method, request.id)
+            result = await method.handler(params, session)
+        except Exception as exc:
+            code = exc.code if isinstance(exc, errors.Error) else errors.GeneralError.code
+            if not request.notification:
+                return encode_error(exc, request.id)
+            if isinstance(exc, errors.Error):
                 log.warning(
                     "NOTIFICATION FAILED peer=%s method=%s code=%s message=%s",
                     session.peer, request.method, exc.code, exc.message,
                 )
-            except Exception as exc:
+            else:
                 errors.to_wire(exc)  # logs the traceback; a notification gets no reply
             return None
-        try:
-            result = await self._call(request, session)
-        except Exception as exc:
-            return encode_error(exc, request.id)
-        return _encode_result(result, request.id)
-
-    async def _call(self, request: _Parsed, session: Session) -> Any:
-        method = self._methods.get(request.method)
-        if method is None:
-            raise errors.MethodNotFound(f"Method not found: {request.method!r}")
-        params = method.bind(request.params)
-        log.debug("CALL peer=%s method=%s id=%r", session.peer, request.method, request.id)
-        return await method.handler(params, session)
+        finally:
+            if method is not None and self._observe is not None:
+                self._observe(method.name, code, time.monotonic() - start)
+        return None if request.notification else _encode_result(result, request.id)
 
 
 def encode_notification(method: str, params: dict[str, Any]) -> bytes:
