@@ -162,6 +162,8 @@ class Service:
             await asyncio.wait(set(self._changes), timeout=timeout)
 
     async def manage(self, cid: str, spec: ConnectionSpec) -> dict[str, str]:
+        key = str(spec.key)
+
         def make() -> _Change | None:
             if not self.desired.check_manage(cid, spec):
                 return None
@@ -181,11 +183,11 @@ class Service:
                 if not quiet:
                     self.reconciler.kick(spec.key)
                 self._on_change()
-            return _Change([Put(cid, str(spec.key), spec.to_store())], done,
+            return _Change([Put(cid, key, spec.to_store())], done,
                            lambda: self.desired.apply_delete(cid))
 
         await self._change([cid], make)
-        return {"connectionID": cid, "key": str(spec.key)}
+        return {"connectionID": cid, "key": key}
 
     async def update(self, cid: str, spec: ConnectionSpec) -> dict[str, str]:
         def make() -> _Change | None:

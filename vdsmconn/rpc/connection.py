@@ -139,7 +139,7 @@ class Connection:
         self._last_input = loop.time()
         self._idle_timer = loop.call_later(self._limits.idle_timeout, self._idle_check)
         try:
-            await self._read_lines()
+            await self._read_lines(loop)
         finally:
             self._idle_timer.cancel()
 
@@ -158,13 +158,14 @@ class Connection:
             log.info("DROP peer=%s reason=idle for %ss", self._peer, limit)
             self._close("idle", flush=True)
 
-    async def _read_lines(self) -> None:
+    async def _read_lines(self, loop: asyncio.AbstractEventLoop) -> None:
         while True:
             if len(self._pending) >= self._limits.max_pending:
                 await asyncio.wait(self._pending, return_when=asyncio.FIRST_COMPLETED)
                 continue
             try:
-                line = await self._readline()
+                line = await (self._head_line() if self._head else self._reader.readline())
+                self._last_input = loop.time()
             except ValueError:  # readline's form of LimitOverrunError; the buffer is dropped
                 log.warning(
                     "DROP peer=%s reason=message over %d bytes",
@@ -201,16 +202,12 @@ class Connection:
             log.error("REQUEST FAILED peer=%s", self._peer, exc_info=exc)
             self._close("request failed", flush=False)
 
-    async def _readline(self) -> bytes:
-        """The next line (b"" at end of input)."""
-        if self._head:
-            first, eol, self._head = self._head.partition(b"\n")
-            if eol:
-                return first + eol
-            return first + await self._readline()
-        line = await self._reader.readline()
-        self._last_input = asyncio.get_running_loop().time()
-        return line
+    async def _head_line(self) -> bytes:
+        """The next line (b"" at end of input), starting with the bytes read before."""
+        first, eol, self._head = self._head.partition(b"\n")
+        if eol:
+            return first + eol
+        return first + await self._reader.readline()
 
     async def _request(self, line: bytes) -> None:
         reply = await self._dispatcher.handle(line, self)

@@ -8,7 +8,6 @@ here before a handler runs, so a bug inside a method is never reported as "inval
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -222,9 +221,14 @@ def _with_id(body: bytes, request_id: Any) -> bytes:
 
 def _dumps(value: Any) -> bytes:
     # orjson encodes a 10,000-CID list reply in a sixteenth of json's time (docs/performance.md);
-    # what it refuses (integers beyond 64 bits, lone surrogates) takes the path below.
-    with contextlib.suppress(TypeError, orjson.JSONEncodeError):
+    # what it refuses (integers beyond 64 bits, lone surrogates) takes json.
+    try:
         return orjson.dumps(value)
+    except (TypeError, orjson.JSONEncodeError):
+        return _json_dumps(value)
+
+
+def _json_dumps(value: Any) -> bytes:
     text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     try:
         return text.encode("utf-8")
