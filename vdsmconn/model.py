@@ -12,7 +12,7 @@ import functools
 import json
 import re
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from vdsmconn.host import address
 
@@ -100,12 +100,14 @@ def escape_mount_name(spec: str) -> str:
 # --- keys --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, order=True)
-class ConnectionKey:
+class ConnectionKey(NamedTuple):
     """Identity of one real connection. `kind` says which namespace the name lives in.
 
     File connections (nfs, posixfs, localfs) share the namespace of mount point names under
     the mount root, so two connections that would use one mount point have one key.
+
+    A tuple: a key is looked up in several tables per request, each time made anew from
+    the client's spec, and a frozen dataclass hashed and compared itself in Python there.
     """
 
     kind: str
