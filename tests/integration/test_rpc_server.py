@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.wait import eventually
+from vdsmconn.rpc import stomp
 from vdsmconn.rpc.jsonrpc import Dispatcher, Method, Session
 from vdsmconn.rpc.server import Limits, UnixServer
 
@@ -318,6 +319,54 @@ async def test_a_request_that_fails_outside_its_method_drops_only_its_client(
     assert "REQUEST FAILED" in caplog.text and "a bug in the dispatcher" in caplog.text
     await eventually(lambda: server.clients == 1)
     assert (await other.call("echo", ["still here"]))["result"] == "still here"
+
+
+async def test_pipelined_requests_beyond_max_pending_all_get_replies(
+    make_server: Factory, clients: list[Client], gate: Gate,
+) -> None:
+    # Twelve requests in one write with max_pending 4: four wait at the gate, the others
+    # wait to be read; each gets its reply once the gate opens.
+    server = await make_server(limits={"max_pending": 4})
+    client = await connect(server, clients)
+    client.writer.write(b"".join(
+        json.dumps({"jsonrpc": "2.0", "method": "wait_gate", "id": n}).encode() + b"\n"
+        for n in range(12)))
+    await asyncio.wait_for(gate.entered.wait(), DEADLINE)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(client.recv(), 0.2)  # nothing answers while the gate is shut
+    gate.event.set()
+    replies = [await asyncio.wait_for(client.recv(), DEADLINE) for _ in range(12)]
+    assert sorted(reply["id"] for reply in replies) == list(range(12))
+    assert {reply["result"] for reply in replies} == {"opened"}
+
+
+async def test_requests_arriving_a_byte_at_a_time_are_whole(
+    make_server: Factory, clients: list[Client],
+) -> None:
+    client = await connect(await make_server(), clients)
+    data = b"".join(json.dumps({"jsonrpc": "2.0", "method": "echo", "params": [f"v{n}"],
+                                "id": n}).encode() + b"\n" for n in range(3))
+    for i in range(len(data)):
+        client.writer.write(data[i:i + 1])
+        await client.writer.drain()
+        if i % 16 == 0:
+            await asyncio.sleep(0)  # let the server read what came so far
+    replies = [await asyncio.wait_for(client.recv(), DEADLINE) for _ in range(3)]
+    assert sorted((r["id"], r["result"]) for r in replies) == [(n, f"v{n}") for n in range(3)]
+
+
+async def test_json_rpc_beside_stomp_gets_every_pipelined_request(
+    make_server: Factory, clients: list[Client],
+) -> None:
+    # With a STOMP endpoint the listener reads the first bytes to tell the protocol; what
+    # came with them in the same write must not be lost.
+    endpoint = stomp.Endpoint(stomp.Destinations(("jms.topic.vdsm_requests",), "events"))
+    client = await connect(await make_server(stomp=endpoint), clients)
+    client.writer.write(b"".join(
+        json.dumps({"jsonrpc": "2.0", "method": "echo", "params": [n], "id": n}).encode()
+        + b"\n" for n in range(50)))
+    replies = [await asyncio.wait_for(client.recv(), DEADLINE) for _ in range(50)]
+    assert sorted(r["result"] for r in replies) == list(range(50))
 
 
 async def test_notify_delivers_notification(make_server: Factory, clients: list[Client]) -> None:

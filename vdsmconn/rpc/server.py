@@ -10,6 +10,7 @@ listener tells the protocol of each client from its first bytes.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import errno
@@ -26,6 +27,7 @@ from typing import Any, Protocol
 from vdsmconn import errors
 from vdsmconn.host import address
 from vdsmconn.rpc import jsonrpc, stompframe
+from vdsmconn.rpc.connection import ClientProtocol
 from vdsmconn.rpc.connection import Connection as Connection
 from vdsmconn.rpc.connection import Limits as Limits
 
@@ -67,7 +69,7 @@ async def sniff(reader: asyncio.StreamReader) -> tuple[bool, bytes]:
     return stomp, head
 
 
-class _Listener:
+class _Listener(abc.ABC):
     """What every transport shares: admitting clients, telling their protocol (with a STOMP
     endpoint), serving each with a `Connection`, dropping them all on close."""
 
@@ -108,6 +110,14 @@ class _Listener:
             log.warning("REFUSE peer=%s reason=%s (no reply)", peer, error.message)
             writer.transport.abort()
 
+    def _protocol(self) -> ClientProtocol:
+        """The protocol of a new client; it calls `_accept` once connected."""
+        return ClientProtocol(self._limits.max_message, self._accept)
+
+    @abc.abstractmethod
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A client connected: admit it (`_admit`) with what the listener knows of it."""
+
     @staticmethod
     def _track(tasks: set[asyncio.Task[None]], work: Coroutine[Any, Any, None],
                peer: str) -> None:
@@ -142,11 +152,12 @@ class _Listener:
             log.info("DROP peer=%s reason=read failed: %s", peer, exc)
             return None
         if stomp:
+            _protocol(writer).leave_to_reader()
             return self._stomp.connection(reader, writer, self._dispatcher, self._limits, peer,
                                           head)
         if not head:
             return None
-        return Connection(reader, writer, self._dispatcher, self._limits, peer, head)
+        return Connection(reader, writer, self._dispatcher, self._limits, peer)
 
     async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                       peer: str, error: errors.Error) -> None:
@@ -220,9 +231,8 @@ class UnixServer(_Listener):
             self._inode = os.stat(self._path).st_ino
             # A deep backlog: a burst of clients waits to be accepted instead of being
             # refused with EAGAIN (too many clients are refused by max_clients, with a reply).
-            self._server = await asyncio.start_unix_server(
-                self._accept, sock=sock, limit=self._limits.max_message, backlog=1024
-            )
+            self._server = await asyncio.get_running_loop().create_unix_server(
+                self._protocol, sock=sock, backlog=1024)
         except BaseException:
             sock.close()
             raise
@@ -253,6 +263,12 @@ class UnixServer(_Listener):
         if self._gid in groups:
             return None
         return f"uid {uid} is not in group {self._group or self._gid}"
+
+
+def _protocol(writer: asyncio.StreamWriter) -> ClientProtocol:
+    protocol = writer.transport.get_protocol()
+    assert isinstance(protocol, ClientProtocol), protocol
+    return protocol
 
 
 def _peer_credentials(writer: asyncio.StreamWriter) -> tuple[int, int, int]:
@@ -331,10 +347,9 @@ class TlsServer(_Listener):
         return int(self._server.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._accept, self._host, self._port, ssl=self._context,
-            ssl_handshake_timeout=self._handshake_timeout, limit=self._limits.max_message,
-        )
+        self._server = await asyncio.get_running_loop().create_server(
+            self._protocol, self._host, self._port, ssl=self._context,
+            ssl_handshake_timeout=self._handshake_timeout)
         log.info("LISTEN tcp=%s:%d tls=required-client-cert", self._host, self.port)
 
     async def close(self) -> None:
