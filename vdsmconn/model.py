@@ -11,8 +11,9 @@ import enum
 import functools
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar, overload
 
 from vdsmconn.host import address
 
@@ -95,6 +96,32 @@ def normalize_remote(spec: str) -> str:
 def escape_mount_name(spec: str) -> str:
     """The mount point's file name for a normalized spec: `_` → `__`, `/` → `_`."""
     return spec.replace("_", "__").replace("/", "_")
+
+
+S = TypeVar("S")
+T = TypeVar("T")
+
+
+class _cached(Generic[S, T]):
+    """functools.cached_property without its lock: Python 3.11's takes an RLock at each
+    first read, and a new spec's key and mount name are read once per request."""
+
+    def __init__(self, fn: Callable[[S], T]) -> None:
+        self._fn = fn
+        self._name = fn.__name__
+        self.__doc__ = fn.__doc__
+
+    @overload
+    def __get__(self, obj: None, owner: type[S] | None = None) -> _cached[S, T]: ...
+
+    @overload
+    def __get__(self, obj: S, owner: type[S] | None = None) -> T: ...
+
+    def __get__(self, obj: S | None, owner: type[S] | None = None) -> T | _cached[S, T]:
+        if obj is None:
+            return self
+        value = obj.__dict__[self._name] = self._fn(obj)  # read from there from now on
+        return value
 
 
 # --- keys --------------------------------------------------------------------------------------
@@ -203,12 +230,12 @@ class MountSpec(ConnectionSpec):
 
     SUBDIR: ClassVar[str] = ""
 
-    @functools.cached_property
+    @_cached
     def mount_name(self) -> str:
         name = escape_mount_name(self.connection)
         return f"{self.SUBDIR}/{name}" if self.SUBDIR else name
 
-    @functools.cached_property
+    @_cached
     def key(self) -> ConnectionKey:
         return ConnectionKey("file", self.mount_name)
 
@@ -265,11 +292,11 @@ class LocalSpec(ConnectionSpec):
     TYPE: ClassVar[str] = "localfs"
     connection: str = ""
 
-    @functools.cached_property
+    @_cached
     def mount_name(self) -> str:
         return escape_mount_name(self.connection)
 
-    @functools.cached_property
+    @_cached
     def key(self) -> ConnectionKey:
         return ConnectionKey("file", self.mount_name)
 
@@ -294,7 +321,7 @@ class IscsiSpec(ConnectionSpec):
     def portal(self) -> str:
         return address.join(self.connection, self.port)
 
-    @functools.cached_property
+    @_cached
     def key(self) -> ConnectionKey:
         tpgt = "*" if self.tpgt is None else str(self.tpgt)
         if self.netIfaceNames:
@@ -310,7 +337,7 @@ class ManagedSpec(ConnectionSpec):
     volumeID: str = ""
     connection_info: Secret | None = None  # JSON text; may hold array credentials
 
-    @functools.cached_property
+    @_cached
     def key(self) -> ConnectionKey:
         return ConnectionKey("managed", self.volumeID)
 

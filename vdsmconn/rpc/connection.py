@@ -121,6 +121,7 @@ class Connection:
         self._last_input = 0.0  # loop time of the last line read
         self._idle_timer: asyncio.TimerHandle | None = None
         self._output_at = 0.0  # loop time of the last write
+        self._loop = asyncio.get_running_loop()
         # Newline JSON-RPC: input not yet a whole line, whole lines waiting for a free
         # request slot, and the end of input (an error, or None at end of file).
         self._partial = bytearray()
@@ -233,7 +234,7 @@ class Connection:
         """Bytes from the client (ClientProtocol): whole lines become requests."""
         if self._input is None or self._input.done():
             return
-        self._last_input = asyncio.get_running_loop().time()
+        self._last_input = self._loop.time()
         if self._partial:
             self._partial += data
             data = bytes(self._partial)
@@ -298,7 +299,7 @@ class Connection:
         """Run one request of this client; reading pauses while max_pending run. Requests
         are not in serve's task group, whose bookkeeping cost each request a Python call and
         a loop callback more: serve cancels and waits for them itself."""
-        task = asyncio.get_running_loop().create_task(request)
+        task = self._loop.create_task(request)
         self._pending.add(task)
         task.add_done_callback(self._request_done)
 
@@ -323,7 +324,7 @@ class Connection:
     def _write(self, data: bytes) -> None:
         logs.flush()  # the lines logged before an answer are in the log before it is sent
         self._writer.write(data)
-        self._output_at = asyncio.get_running_loop().time()
+        self._output_at = self._loop.time()
 
     async def _write_loop(self) -> None:
         loop = asyncio.get_running_loop()
