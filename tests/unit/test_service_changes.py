@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -57,23 +57,32 @@ async def cancelled_while_committing(service: Service, cid: str, spec: LocalSpec
         await task
 
 
-async def test_a_cancelled_manage_takes_full_effect_once_durable(
-        service: Service, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO)
+@pytest.fixture
+def spec(tmp_path: Path) -> LocalSpec:
     data = tmp_path / "data"
     data.mkdir()
-    spec = LocalSpec(connection=str(data))
-    blocker = sqlite3.connect(service.store.path, isolation_level=None)
-    try:
-        await cancelled_while_committing(service, "c", spec, blocker)
-        assert service.desired.get("c") is not None  # applied, not yet durable
-        again = asyncio.create_task(service.manage("c", spec))
-        await asyncio.sleep(0.1)
-        assert not again.done()  # the CID is still held by the pending change
-        assert "MANAGE cid=c" not in caplog.text
-        blocker.execute("COMMIT")
-    finally:
-        blocker.close()
+    return LocalSpec(connection=str(data))
+
+
+@pytest.fixture
+def blocker(service: Service) -> Iterator[sqlite3.Connection]:
+    """Another connection to the state database, to hold its write lock."""
+    conn = sqlite3.connect(service.store.path, isolation_level=None)
+    yield conn
+    conn.close()
+
+
+async def test_a_cancelled_manage_takes_full_effect_once_durable(
+        service: Service, spec: LocalSpec, blocker: sqlite3.Connection,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    await cancelled_while_committing(service, "c", spec, blocker)
+    assert service.desired.get("c") is not None  # applied, not yet durable
+    again = asyncio.create_task(service.manage("c", spec))
+    await asyncio.sleep(0.1)
+    assert not again.done()  # the CID is still held by the pending change
+    assert "MANAGE cid=c" not in caplog.text
+    blocker.execute("COMMIT")
     async with asyncio.timeout(30):
         assert await again == {"connectionID": "c", "key": str(spec.key)}
     assert "MANAGE cid=c" in caplog.text
@@ -84,20 +93,14 @@ async def test_a_cancelled_manage_takes_full_effect_once_durable(
 
 
 async def test_a_cancelled_manage_the_store_refused_is_undone(
-        service: Service, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        service: Service, spec: LocalSpec, blocker: sqlite3.Connection, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-    data = tmp_path / "data"
-    data.mkdir()
-    spec = LocalSpec(connection=str(data))
-    blocker = sqlite3.connect(service.store.path, isolation_level=None)
-    try:
-        await cancelled_while_committing(service, "c", spec, blocker)
-        # The writer gives up on the lock after SQLite's busy timeout (5 s).
-        async with asyncio.timeout(30):
-            await service.drain(30)
-    finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
+    await cancelled_while_committing(service, "c", spec, blocker)
+    # The writer gives up on the lock after SQLite's busy timeout (5 s).
+    async with asyncio.timeout(30):
+        await service.drain(30)
+    blocker.execute("ROLLBACK")
     assert service.desired.get("c") is None
     assert "MANAGE cid=c" not in caplog.text
     assert service.actual.get(spec.key) is None  # nothing was connected for it
