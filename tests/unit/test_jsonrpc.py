@@ -496,4 +496,4 @@ async def test_the_observer_is_told_of_every_request_to_a_known_method() -> None
         ("ok", 0), ("ok", -32602), ("refused", errors.ConnectionIdNotFound.code),
         ("bug", errors.GeneralError.code), ("refused", errors.ConnectionIdNotFound.code),
         ("ok", 0)]
-    assert all(0 <= seconds < 60 for _, _, seconds in seen)
+    assert all(isinstance(seconds, float) and seconds >= 0 for _, _, seconds in seen)
