@@ -172,6 +172,7 @@ class Service:
             st = self.actual.get(spec.key)
             quiet = bool(self.desired.refs(spec.key) and st is not None and st.connected
                          and self.reconciler.supervises(spec.key))
+            put = Put(cid, key, spec.to_store())
             # Applied first, so a concurrent manage of the same key is checked against it;
             # a supervisor seeing the extra reference early changes nothing.
             self.desired.apply_put(cid, spec)
@@ -183,8 +184,7 @@ class Service:
                 if not quiet:
                     self.reconciler.kick(spec.key)
                 self._on_change()
-            return _Change([Put(cid, key, spec.to_store())], done,
-                           lambda: self.desired.apply_delete(cid))
+            return _Change([put], done, lambda: self.desired.apply_delete(cid))
 
         await self._change([cid], make)
         return {"connectionID": cid, "key": key}
@@ -194,8 +194,8 @@ class Service:
             old = self.desired.get(cid)
             if not self.desired.check_update(cid, spec) or old is None:
                 return None
-            self.desired.apply_put(cid, spec)
             ops: list[Op] = [Put(cid, str(spec.key), spec.to_store())]
+            self.desired.apply_put(cid, spec)
 
             def done() -> None:
                 assert old is not None

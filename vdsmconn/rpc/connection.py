@@ -232,7 +232,7 @@ class Connection:
 
     def feed(self, data: bytes) -> None:
         """Bytes from the client (ClientProtocol): whole lines become requests."""
-        if self._input is None or self._input.done():
+        if self._input is None or self._input.done() or self._stop.is_set():
             return
         self._last_input = self._loop.time()
         if self._partial:
