@@ -24,6 +24,9 @@ class CidLocks:
         """Hold every CID of `cids`; taken in sorted order, so two callers asking for
         overlapping sets cannot deadlock. Returns them sorted, for `release`. Cancelled
         while waiting, it holds none of them."""
+        if len(cids) == 1 and cids[0] not in self._held:  # a manage or update, uncontended
+            self._held[cids[0]] = deque()
+            return [cids[0]]
         wanted = sorted(set(cids))
         taken: list[str] = []
         try:

@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeVar
 
 from vdsmconn import __version__, errors
@@ -62,7 +62,7 @@ class _Change:
     ops: list[Op]
     done: Callable[[], None]  # once it is durable: log it, wake whom it concerns
     undo: Callable[[], object]  # the store failed: memory back to how it was
-    held: list[ConnectionKey] = dataclasses.field(default_factory=list)  # keys it may leave
+    held: Sequence[ConnectionKey] = ()  # keys it may leave without a CID
 
 
 class Service:

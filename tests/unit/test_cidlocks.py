@@ -19,6 +19,11 @@ def test_a_free_cid_is_taken_without_waiting() -> None:
     assert locks.held("a") and locks.held("b")
     locks.release(["a", "b"])
     assert not locks.held("a") and not locks.held("b")
+    with pytest.raises(StopIteration) as done:
+        next(locks.acquire(["c"]).__await__())
+    assert done.value.value == ["c"] and locks.held("c")
+    locks.release(["c"])
+    assert not locks.held("c")
 
 
 async def test_waiters_get_the_cid_in_the_order_they_came() -> None:

@@ -199,24 +199,24 @@ def encode_notification(method: str, params: dict[str, Any]) -> bytes:
 
 def encode_error(exc: BaseException, request_id: Any = None) -> bytes:
     """An error response for `exc` (through errors.to_wire) to the request `request_id`."""
-    return _with_id(_dumps({"jsonrpc": VERSION, "error": errors.to_wire(exc)}), request_id)
+    return _reply("error", errors.to_wire(exc), request_id)
 
 
 def _encode_result(result: Any, request_id: Any) -> bytes:
     try:
-        body = _dumps({"jsonrpc": VERSION, "result": result})
+        return _reply("result", result, request_id)
     except (TypeError, ValueError) as exc:  # the handler returned something that is not JSON
         return encode_error(exc, request_id)
-    return _with_id(body, request_id)
 
 
-def _with_id(body: bytes, request_id: Any) -> bytes:
-    """Append the id as the last member of the encoded object `body`, exactly as received."""
-    if isinstance(request_id, _RawFloat):
-        encoded = request_id.raw.encode("ascii")
-    else:
-        encoded = _dumps(request_id)
-    return body[:-1] + b',"id":' + encoded + b"}"
+def _reply(member: str, value: Any, request_id: Any) -> bytes:
+    """A response with the id last, exactly as received. An id that is a number with a
+    fraction or an exponent is written from its text, after the rest; any other goes in
+    the one encoding (a 3.5 MB list reply is not copied twice more to append it)."""
+    if not isinstance(request_id, _RawFloat):
+        return _dumps({"jsonrpc": VERSION, member: value, "id": request_id})
+    body = _dumps({"jsonrpc": VERSION, member: value})
+    return body[:-1] + b',"id":' + request_id.raw.encode("ascii") + b"}"
 
 
 def _dumps(value: Any) -> bytes:
