@@ -259,7 +259,7 @@ T = TypeVar("T")
 class _RpcTally:
     """The requests of one method and result code: counted on the event loop without a
     lock (a Counter and a Histogram of prometheus_client took two locks and a search through
-    the buckets in Python, a twentieth of a request's loop time), read by scrapes."""
+    the buckets in Python, about 3 % of a request's loop time in a profile), read by scrapes."""
 
     __slots__ = ("buckets", "created", "seconds")
 

@@ -47,6 +47,13 @@ class ClientProtocol(asyncio.StreamReaderProtocol):
         self._seen: bytearray | None = bytearray()  # what the reader got, until taken over
         self._ended: tuple[BaseException | None] | None = None  # input ended before that
 
+    @staticmethod
+    def of(writer: asyncio.StreamWriter) -> ClientProtocol:
+        """The protocol of a client's transport (every listener makes one of these)."""
+        protocol = writer.transport.get_protocol()
+        assert isinstance(protocol, ClientProtocol), protocol
+        return protocol
+
     def take_over(self, sink: Connection) -> None:
         """From now on, everything the client sends goes to `sink`, starting with what it
         sent so far (the reader keeps its copy, but nobody reads it any more)."""
@@ -213,9 +220,7 @@ class Connection:
         """Take the client's input over from its StreamReader, run its lines as they come
         (`feed`), and finish what was asked at the end of input."""
         self._input = loop.create_future()
-        protocol = self.transport.get_protocol()
-        assert isinstance(protocol, ClientProtocol), protocol
-        protocol.take_over(self)
+        ClientProtocol.of(self._writer).take_over(self)
         exc = await self._input
         if self._stop.is_set():
             return

@@ -152,7 +152,7 @@ class _Listener(abc.ABC):
             log.info("DROP peer=%s reason=read failed: %s", peer, exc)
             return None
         if stomp:
-            _protocol(writer).leave_to_reader()
+            ClientProtocol.of(writer).leave_to_reader()
             return self._stomp.connection(reader, writer, self._dispatcher, self._limits, peer,
                                           head)
         if not head:
@@ -263,12 +263,6 @@ class UnixServer(_Listener):
         if self._gid in groups:
             return None
         return f"uid {uid} is not in group {self._group or self._gid}"
-
-
-def _protocol(writer: asyncio.StreamWriter) -> ClientProtocol:
-    protocol = writer.transport.get_protocol()
-    assert isinstance(protocol, ClientProtocol), protocol
-    return protocol
 
 
 def _peer_credentials(writer: asyncio.StreamWriter) -> tuple[int, int, int]:
