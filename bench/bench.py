@@ -783,7 +783,7 @@ def run(args: argparse.Namespace, base: Path, daemons: list[Daemon]) -> None:
         result["group_commit_ratio"] = g["gc_per_s"] / sqlite_rate
         rows.append(("group_commit_ratio", f"{g['gc_per_s']:.0f} durable manage/s with "
                      f"{args.gc_clients} clients vs {sqlite_rate:.0f} single-row commits/s "
-                     "(alternating 1 s windows)"))
+                     f"(alternating 1 s windows; client {g['client_us']:.0f} us CPU per call)"))
 
     if "list" in phases:
         run_list_restart(args, base, d1, profiler, daemons, result, rows)
