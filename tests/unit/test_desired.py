@@ -26,6 +26,19 @@ def test_refs_count_cids_per_key() -> None:
     assert d.refs(A.key) == 0 and d.spec_of(A.key) is None and d.all_keys() == []
 
 
+def test_cids_of_a_key_share_one_spec_unless_the_engine_id_differs() -> None:
+    d = DesiredState()
+    d.apply_put("c1", PosixSpec(connection="srv:/a", vfs_type="nfs", engine_id="e1"))
+    d.apply_put("c2", PosixSpec(connection="srv:/a", vfs_type="nfs", engine_id="e1"))
+    d.apply_put("c3", PosixSpec(connection="srv:/a", vfs_type="nfs", engine_id="e3"))
+    c1, c2, c3 = (d.get(cid) for cid in ("c1", "c2", "c3"))
+    assert c1 is not None and c2 is not None and c3 is not None
+    assert c2.spec is c1.spec
+    assert c3.spec is not c1.spec and c3.spec.engine_id == "e3"
+    d.apply_delete("c1")
+    assert c2.spec.engine_id == "e1" and d.refs(A.key) == 2
+
+
 def test_same_cid_same_connection_is_idempotent() -> None:
     d = DesiredState()
     d.apply_put("c", A)

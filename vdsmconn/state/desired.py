@@ -124,10 +124,20 @@ class DesiredState:
     # --- changes --------------------------------------------------------------------------
 
     def apply_put(self, cid: str, spec: ConnectionSpec) -> ConnectionKey | None:
-        """Set CID -> spec; returns the key the CID left, if it moved."""
+        """Set CID -> spec; returns the key the CID left, if it moved.
+
+        The CIDs of one key share one spec object where theirs are the same (the engine's
+        id included): a CID then costs an entry, where it kept a spec, its dict and its key
+        for the memory and for every pass of the garbage collector."""
         old = self._cids.get(cid)
+        cids = self._keys.setdefault(spec.key, set())
+        other = next(iter(cids), None)  # every CID of a key holds an equal spec
+        if other is not None:
+            shared = self._cids[other].spec
+            if shared == spec and shared.engine_id == spec.engine_id:
+                spec = shared
         self._cids[cid] = Entry(cid, spec)
-        self._keys.setdefault(spec.key, set()).add(cid)
+        cids.add(cid)
         if old is not None and old.key != spec.key:
             self._drop_ref(old.key, cid)
             return old.key
