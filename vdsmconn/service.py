@@ -87,7 +87,8 @@ class Service:
         # Set and replaced on every desired or actual change that someone waits for.
         self._changed = asyncio.Event()
         self._watched = False  # someone took `_changed` to wait for it
-        self._changes: set[asyncio.Future[None]] = set()  # settled with each change in flight
+        self._in_flight = 0  # changes made in memory and not yet settled
+        self._drained: asyncio.Future[None] | None = None  # set when none is left (drain)
         # CIDs whose going left a key without any, for its events until it is gone.
         self._departed: dict[ConnectionKey, list[str]] = {}
         actual.listen(self._on_change)
@@ -136,8 +137,7 @@ class Service:
         if change is None:
             self._locks.release(held)
             return
-        settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._changes.add(settled)
+        self._in_flight += 1
         # The keys the change may leave without a CID are held until it is durable: their
         # supervisors must not tear them down for a change that may still be undone.
         self.desired.hold(change.held)
@@ -151,15 +151,20 @@ class Service:
                     change.done()
             finally:
                 self._locks.release(held)
-                self._changes.discard(settled)
-                settled.set_result(None)
+                self._in_flight -= 1
+                if not self._in_flight and self._drained is not None:
+                    self._drained.set_result(None)
+                    self._drained = None
 
         await self.store.commit(change.ops, then=settle)
 
     async def drain(self, timeout: float) -> None:
         """Wait for changes still in flight (their clients may be gone) before stopping."""
-        if self._changes:
-            await asyncio.wait(set(self._changes), timeout=timeout)
+        if not self._in_flight:
+            return
+        if self._drained is None:
+            self._drained = asyncio.get_running_loop().create_future()
+        await asyncio.wait([self._drained], timeout=timeout)
 
     async def manage(self, cid: str, spec: ConnectionSpec) -> dict[str, str]:
         key = str(spec.key)

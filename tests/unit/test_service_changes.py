@@ -82,9 +82,13 @@ async def test_a_cancelled_manage_takes_full_effect_once_durable(
     await asyncio.sleep(0.1)
     assert not again.done()  # the CID is still held by the pending change
     assert "MANAGE cid=c" not in caplog.text
+    async with asyncio.timeout(30):
+        await service.drain(0.1)  # gives up waiting: the change is still in flight
+    assert service.desired.get("c") is not None and not again.done()
     blocker.execute("COMMIT")
     async with asyncio.timeout(30):
         assert await again == {"connectionID": "c", "key": str(spec.key)}
+        await service.drain(30)  # nothing is left in flight
     assert "MANAGE cid=c" in caplog.text
     # The reconciler was told: the key is connected without anyone asking again.
     await until(lambda: (st := service.actual.get(spec.key)) is not None
