@@ -191,6 +191,7 @@ def setup_logging(level: str) -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
+    logging.setLogRecordFactory(logs.Record)
     logging.basicConfig(level=getattr(logging, level.upper()),
                         handlers=[logs.LineHandler(sys.stderr)])
 

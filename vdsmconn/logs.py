@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # what Formatter would make of it
 
@@ -42,6 +42,44 @@ class LineFormatter(logging.Formatter):
         return line
 
 
+class Record(logging.LogRecord):
+    """logging.LogRecord (the daemon's record factory), made with less work where the
+    daemon logs without looking for the caller (`logging._srcfile` None): the path is then
+    always "(unknown file)", which LogRecord took apart anew for every line, and threads
+    and processes are not looked up. Anything else is LogRecord's own work."""
+
+    def __init__(self, name: str, level: int, pathname: str, lineno: int, msg: object,
+                 args: Any, exc_info: Any, func: str | None = None,
+                 sinfo: str | None = None, **kwargs: Any) -> None:
+        if (pathname != _UNKNOWN or func is None or (args and len(args) == 1)
+                or logging.logThreads or logging.logProcesses or logging.logMultiprocessing):
+            super().__init__(name, level, pathname, lineno, msg, args, exc_info, func,
+                             sinfo, **kwargs)
+            return
+        created = time.time()
+        self.name = name
+        self.msg = msg
+        self.args = args
+        self.levelname = _LEVEL_NAMES.get(level) or logging.getLevelName(level)
+        self.levelno = level
+        self.pathname = self.filename = self.module = pathname
+        self.exc_info = exc_info
+        self.exc_text = None
+        self.stack_info = sinfo
+        self.lineno = lineno
+        self.funcName = func
+        self.created = created
+        self.msecs = int((created - int(created)) * 1000) + 0.0
+        self.relativeCreated = (created - _START) * 1000
+        self.thread = self.threadName = self.processName = self.process = None
+
+
+_UNKNOWN = "(unknown file)"  # the path of a record made without looking for the caller
+_LEVEL_NAMES = {level: logging.getLevelName(level) for level in
+                (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL)}
+_START: float = logging._startTime  # type: ignore[attr-defined]  # relativeCreated's zero
+
+
 _handlers: list[LineHandler] = []  # with lines waiting for the end of the turn
 
 
@@ -61,6 +99,15 @@ class LineHandler(logging.StreamHandler[TextIO]):
         super().__init__(stream)
         self.setFormatter(LineFormatter())
         self._waiting: list[str] = []
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        """Handler.handle, without its calls to a filter where there is none and to the
+        lock's own methods."""
+        if self.filters and not self.filter(record):
+            return False
+        with self.lock:  # type: ignore[union-attr]  # made by Handler.__init__
+            self.emit(record)
+        return True
 
     def emit(self, record: logging.LogRecord) -> None:
         try:

@@ -62,6 +62,50 @@ def test_lines_read_as_logging_would_write_them() -> None:
             assert ours.format(record) == theirs.format(twin)
 
 
+@pytest.fixture
+def lean_logging() -> Iterator[None]:
+    """logging as the daemon sets it up: no caller, thread or process looked up."""
+    saved = (logging._srcfile, logging.logThreads, logging.logProcesses,
+             logging.logMultiprocessing)
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    yield
+    (logging._srcfile, logging.logThreads, logging.logProcesses,
+     logging.logMultiprocessing) = saved
+
+
+@pytest.mark.parametrize(("msg", "args"), [("MANAGE %s refs=%d", ("c1", 2)), ("STARTED", ()),
+                                           ("MANAGE %(cid)s", ({"cid": "c1"},)),
+                                           ("MANAGE %s", ("c1",))])
+@pytest.mark.parametrize("level", [logging.INFO, logging.WARNING, 25])
+def test_a_record_has_what_logging_would_give_it(lean_logging: None, msg: str,
+                                                 args: tuple[object, ...], level: int) -> None:
+    made = [cls("vdsmconn.service", level, "(unknown file)", 0, msg, args, None,
+                "(unknown function)", None) for cls in (logs.Record, logging.LogRecord)]
+    ours, theirs = (dict(vars(record)) for record in made)
+    for name in ("created", "msecs", "relativeCreated"):
+        assert abs(ours.pop(name) - theirs.pop(name)) < 5_000  # made moments apart
+    assert ours == theirs
+    assert made[0].getMessage() == made[1].getMessage()
+
+
+def test_a_record_with_its_caller_is_logging_s_own(lean_logging: None) -> None:
+    logging.logThreads = True
+    record = logs.Record("x", logging.INFO, "/a/b/service.py", 7, "m", (), None, "f")
+    assert (record.filename, record.module, record.thread) == (
+        "service.py", "service", threading.get_ident())
+
+
+def test_a_filter_of_the_handler_is_heeded(logged: tuple[logging.Logger, Recorder]) -> None:
+    logger, stream = logged
+    handler = logger.handlers[0]
+    handler.addFilter(lambda record: "secret" not in record.getMessage())
+    logger.info("kept")
+    logger.info("a secret")
+    handler.flush()
+    assert [line.rsplit(": ", 1)[1] for line in stream.lines()] == ["kept"]
+
+
 async def test_lines_of_one_turn_go_out_together_at_its_end(
         logged: tuple[logging.Logger, Recorder]) -> None:
     log, stream = logged
