@@ -196,14 +196,15 @@ class ConnectionSpec(abc.ABC):
     def to_store(self) -> dict[str, Any]:
         """The connection with its secrets, for the state database only."""
         out: dict[str, Any] = {"type": self.TYPE}
-        for name, wire, _store_only, _omit_default, _default in _fields(type(self)):
+        for name, wire in _stored_fields(type(self)):
             value = getattr(self, name)
             if value is None:
                 continue
-            if isinstance(value, Secret):
-                value = value.reveal()
-            elif isinstance(value, tuple):
-                value = list(value)
+            if value.__class__ is not str:  # most are
+                if isinstance(value, Secret):
+                    value = value.reveal()
+                elif isinstance(value, tuple):
+                    value = list(value)
             out[wire] = value
         return out
 
@@ -214,6 +215,12 @@ def _fields(cls: type[ConnectionSpec]) -> tuple[tuple[str, str, bool, bool, Any]
     spec class, read once: a list of 10,000 statuses looked them up for every one."""
     return tuple((f.name, f.metadata.get("wire", f.name), bool(f.metadata.get("store_only")),
                   bool(f.metadata.get("omit_default")), f.default) for f in fields(cls))
+
+
+@functools.cache
+def _stored_fields(cls: type[ConnectionSpec]) -> tuple[tuple[str, str], ...]:
+    """(name, wire name) of each field of a spec class, for to_store."""
+    return tuple((name, wire) for name, wire, *_ in _fields(cls))
 
 
 def _wire(name: str) -> Any:

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import orjson
@@ -51,6 +51,7 @@ class Method:
     params: tuple[str, ...]
     required: frozenset[str]
     handler: Handler
+    names: frozenset[str] = field(init=False, repr=False, compare=False)  # of params
 
     def __post_init__(self) -> None:
         unknown = self.required - set(self.params)
@@ -58,6 +59,7 @@ class Method:
             raise ValueError(f"{self.name}: required {sorted(unknown)} not in params")
         if len(set(self.params)) != len(self.params):
             raise ValueError(f"{self.name}: duplicate parameter names")
+        object.__setattr__(self, "names", frozenset(self.params))
 
     def bind(self, params: dict[str, Any] | list[Any] | None) -> dict[str, Any]:
         """Map positional or named params to names; InvalidParams names the field."""
@@ -71,15 +73,16 @@ class Method:
                 )
             given = dict(zip(self.params, params, strict=False))
         else:
-            unknown = [name for name in params if name not in self.params]
-            if unknown:
+            if not self.names.issuperset(params):
+                unknown = [name for name in params if name not in self.names]
                 raise errors.InvalidParams(
                     f"Invalid params: unknown parameter {_names(unknown)}",
                     data={"fields": unknown},
                 )
             given = dict(params)
-        missing = [name for name in self.params if name in self.required and name not in given]
-        if missing:
+        if not self.required.issubset(given):
+            missing = [name for name in self.params
+                       if name in self.required and name not in given]
             raise errors.InvalidParams(
                 f"Invalid params: missing required parameter {_names(missing)}",
                 data={"fields": missing},

@@ -154,7 +154,7 @@ def parse_connection(value: Any, path: str = "connection") -> ConnectionSpec:
     if builder is None:
         raise bad_value(f"{path}.type",
                         f"unknown type {_shown(kind)} (one of {', '.join(SPEC_TYPES)})")
-    fields = _Fields({k: v for k, v in value.items() if k != "type"}, path, kind)
+    fields = _Fields(value, path, kind)
     engine_id = fields.opt_text("id", max_len=255)
     if kind != "managed":
         fields.flag("ipv6_enabled")  # a discovery hint: accepted, and not needed here
@@ -168,21 +168,21 @@ def _is_set(value: Any) -> bool:
 
 
 class _Fields:
-    """The keys of one connection object; every key must be taken by its builder, but for
-    the engine's keys that are not set."""
+    """The keys of one connection object (its type taken already); every key must be taken
+    by its builder, but for the engine's keys that are not set."""
 
     def __init__(self, data: dict[str, Any], path: str, kind: str) -> None:
         self.data = data
         self.path = path
         self.kind = kind
         self.tolerated = frozenset() if kind == "managed" else ENGINE_KEYS
-        self.used: set[str] = set()
+        self.used = {"type"}
 
     def get(self, name: str) -> Any:
         """The value of `name`; None when missing, null or "" ("not set")."""
         self.used.add(name)
         value = self.data.get(name)
-        return value if _is_set(value) else None
+        return None if value is None or value == "" else value
 
     def field(self, name: str) -> str:
         return f"{self.path}.{name}"
