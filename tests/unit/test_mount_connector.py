@@ -18,11 +18,12 @@ from tests.wait import eventually as until
 from vdsmconn import config, errors
 from vdsmconn.connectors import mount
 from vdsmconn.connectors.base import Connected, HostContext
+from vdsmconn.connectors.gluster import GlusterConnector
 from vdsmconn.connectors.mount import PosixConnector, same_fstype, unmount
 from vdsmconn.connectors.nfs import NfsConnector
 from vdsmconn.host import mountinfo
 from vdsmconn.host.fakerunner import FakeRunner
-from vdsmconn.model import NfsSpec, PosixSpec, State
+from vdsmconn.model import GlusterSpec, NfsSpec, PosixSpec, State
 from vdsmconn.rpc import params
 from vdsmconn.state.actual import HostState
 
@@ -201,3 +202,18 @@ def test_probe_errno_says_dead_or_refused(err: int, code: int) -> None:
     481: the mount is dead (recovered by unmounting and mounting again)."""
     e = mount._os_error("/mnt/x", OSError(err, os.strerror(err)))
     assert e.code == code and e.message == f"/mnt/x: {os.strerror(err)}"
+
+
+@pytest.mark.root
+async def test_a_mount_at_a_gluster_mount_point_is_judged_before_glusterd_is_asked(
+        host: Host) -> None:
+    """The backup servers are looked up (a glusterd query) only to mount: what is already
+    mounted there is adopted or left alone without asking a server that may be down."""
+    connector = GlusterConnector(HostContext(config.host_settings(host.config), host.runner,
+                                             host.state))
+    spec = params.parse_connection({"type": "glusterfs", "connection": "gsrv:/v1"})
+    assert isinstance(spec, GlusterSpec)
+    path = connector.mountpoint(spec)
+    with tmpfs(path, "gsrv:/v1"):  # its source; a spec without vfs_type takes any type
+        assert await connector.connect(spec) == Connected(path=path)
+    assert host.runner.argvs == []  # neither `gluster volume info` nor mount ran

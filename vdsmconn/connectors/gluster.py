@@ -16,9 +16,9 @@ import socket
 
 from vdsmconn import errors
 from vdsmconn.clock import Clock
-from vdsmconn.connectors.base import StepLog
+from vdsmconn.connectors.base import Connected, StepLog
 from vdsmconn.connectors.mount import HelperMountConnector
-from vdsmconn.host import gluster
+from vdsmconn.host import gluster, mountinfo
 from vdsmconn.host.address import join, split_remote, unbracket
 from vdsmconn.model import MountSpec
 
@@ -47,6 +47,14 @@ class GlusterConnector(HelperMountConnector):
     @property
     def _cli_timeout(self) -> float:
         return min(CLI_TIMEOUT, self.host.settings.command_timeout)
+
+    async def connect(self, spec: MountSpec) -> Connected:
+        # A mount already there is taken before glusterd is asked for the backup servers
+        # (extra_options): it must not depend on a server that may be down.
+        m = mountinfo.mounted_at(self.mountpoint(spec))
+        if m is not None:
+            return self._found(m, spec)
+        return await super().connect(spec)
 
     async def extra_options(self, spec: MountSpec) -> tuple[str, ...]:
         if any(o.partition("=")[0] == BACKUP_OPTION for o in spec.options()):

@@ -28,6 +28,25 @@ STALE_ERRNOS = {errno.ESTALE, errno.ENOTCONN, errno.EIO, errno.EHOSTDOWN, errno.
 ACCESS_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
+class _Occupied(OSError):
+    """What `_prepare_mountpoint` raises when something is mounted at the mount point."""
+
+    def __init__(self, mount: mountinfo.Mount) -> None:
+        super().__init__(errno.EBUSY, "already mounted", mount.mountpoint)
+        self.mount = mount
+
+
+def _prepare_mountpoint(path: str) -> None:
+    """Just before mount(8), in the thread that starts it: what is mounted at `path` now,
+    else the mount point, created. The table is read there and not on the loop: while many
+    mounts are made at once, every read comes after a change, and waits for the mounts
+    being made (the kernel's lock of the mount namespace)."""
+    m = mountinfo.mounted_at(path)
+    if m is not None:
+        raise _Occupied(m)
+    os.makedirs(path, 0o755, exist_ok=True)
+
+
 def _check_mountpoint(path: str) -> None:
     """Blocking: ask the file system behind `path` to answer (runs in a probe thread)."""
     os.statvfs(path)
@@ -78,6 +97,12 @@ class MountConnector(Connector[MountSpec]):
             f"{spec.connection} ({fstype}); left alone",
             {"path": m.mountpoint, "source": m.source, "vfs_type": m.fstype})
 
+    def _found(self, m: mountinfo.Mount, spec: MountSpec) -> Connected:
+        """Something is mounted at the mount point already: adopted, or left alone (453)."""
+        if self.is_mount_of(m, spec):
+            return Connected(path=m.mountpoint)
+        raise self._conflict(m, spec)
+
     def present(self, spec: MountSpec) -> Connected | None:
         path = self.mountpoint(spec)
         m = self.host.state.mounts.get(path)
@@ -97,13 +122,10 @@ class MountConnector(Connector[MountSpec]):
 
     async def connect(self, spec: MountSpec) -> Connected:
         path = self.mountpoint(spec)
-        m = mountinfo.mounted_at(path)
-        if m is not None:
-            if self.is_mount_of(m, spec):
-                return Connected(path=path)
-            raise self._conflict(m, spec)
         try:
-            await self._mount(spec, path, prepare=functools.partial(os.makedirs, path, 0o755, True))
+            await self._mount(spec, path, prepare=functools.partial(_prepare_mountpoint, path))
+        except _Occupied as e:
+            return self._found(e.mount, spec)
         except OSError as e:  # only the mount point's creation raises it
             raise errors.MountError(f"cannot create the mount point {path}: {e.strerror}",
                                     {"path": path}) from None
