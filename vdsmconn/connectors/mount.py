@@ -57,7 +57,8 @@ async def read_mounts() -> dict[str, mountinfo.Mount]:
     """The mount table now (read again only if it changed since it was last read). Read on
     the loop: /proc/self/mountinfo never blocks, not even on a hung mount, and a thread hop
     costs more than the read (docs/performance.md). What is at one path now:
-    `mountinfo.mounted_at`, also on the loop."""
+    `mountinfo.mounted_at`, also on the loop, but for a connect, which looks in the thread
+    that starts mount(8) (`_prepare_mountpoint`)."""
     return mountinfo.table().mounts()
 
 
