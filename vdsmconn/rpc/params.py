@@ -182,7 +182,7 @@ class _Fields:
         """The value of `name`; None when missing, null or "" ("not set")."""
         self.used.add(name)
         value = self.data.get(name)
-        return None if value is None or value == "" else value
+        return value if _is_set(value) else None
 
     def field(self, name: str) -> str:
         return f"{self.path}.{name}"
