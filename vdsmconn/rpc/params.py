@@ -163,10 +163,6 @@ def parse_connection(value: Any, path: str = "connection") -> ConnectionSpec:
     return spec if engine_id is None else dataclasses.replace(spec, engine_id=engine_id)
 
 
-def _is_set(value: Any) -> bool:
-    return value is not None and value != ""
-
-
 class _Fields:
     """The keys of one connection object (its type taken already); every key must be taken
     by its builder, but for the engine's keys that are not set."""
@@ -182,7 +178,7 @@ class _Fields:
         """The value of `name`; None when missing, null or "" ("not set")."""
         self.used.add(name)
         value = self.data.get(name)
-        return value if _is_set(value) else None
+        return None if value is None or value == "" else value
 
     def field(self, name: str) -> str:
         return f"{self.path}.{name}"
@@ -203,7 +199,7 @@ class _Fields:
                     f"{self.field(name)}: unknown key", {"field": self.field(name)}
                 )
         for name in unused:
-            if _is_set(self.data[name]):  # never quoted: it may be a password
+            if self.get(name) is not None:  # never quoted: it may be a password
                 raise bad_value(self.field(name), f"does not apply to a {self.kind} connection")
 
     def opt_text(self, name: str, max_len: int = 4096) -> str | None:
